@@ -1,0 +1,104 @@
+"""The Gemma text tower: token embedding, decoder blocks, final norm and the tied LM head (spec sections 3-5).
+
+A decoder block, with PaliGemma 2's optional post-norms in brackets:
+
+    x = x + [post_attn_norm](attention(pre_attn_norm(x)))
+    x = x + [post_ffw_norm](W_down (gelu_tanh(h W_gate) * h W_up)),   h = pre_ffw_norm(x)
+
+RMSNorm always computes in float32 (float64 in the float64 policy) and casts its output to the compute dtype. The
+attention softmax also runs in float32. Everything else produces tensors in the compute dtype (``policy.cast``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from refimpl import ops
+from refimpl.attention import sliding_window_band
+from refimpl.config import PaliGemmaConfig
+from refimpl.dtypes import Policy
+from refimpl.kernels import Kernels
+from refimpl.params import DecoderBlockParams
+from refimpl.taps import NO_TAPS, Recorder
+
+# keras-hub builds every decoder-block RMSNorm with epsilon 1e-6; ``layer_norm_epsilon`` reaches only the final norm.
+DECODER_NORM_EPSILON = 1e-6
+
+
+def embed_text(token_ids: np.ndarray, table: np.ndarray, config: PaliGemmaConfig, policy: Policy) -> np.ndarray:
+    """f[B, T, D]: rows of the embedding table times sqrt(D), sqrt(D) cast to the compute dtype first."""
+    return policy.cast(policy.cast(table[token_ids]) * policy.scalar(math.sqrt(config.hidden_dim)))
+
+
+def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, policy: Policy, kernels: Kernels) -> np.ndarray:
+    return policy.cast(kernels.rms_norm(x, scale, eps))
+
+
+def attention_block(h: np.ndarray, block: DecoderBlockParams, config: PaliGemmaConfig, policy: Policy,
+                    kernels: Kernels, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Grouped-query self-attention with RoPE. h f[B, T, D], mask bool[B, T, S=T], positions f[T] -> f[B, T, D]."""
+    batch, length, _ = h.shape
+    n, k, hd = config.num_query_heads, config.num_key_value_heads, config.head_dim
+    q = policy.cast(kernels.matmul(h, block.wq)).reshape(batch, length, n, hd)
+    key = policy.cast(kernels.matmul(h, block.wk)).reshape(batch, length, k, hd)
+    value = policy.cast(kernels.matmul(h, block.wv)).reshape(batch, length, k, hd)
+    cos, sin = (policy.cast(table) for table in ops.rope_tables(positions, hd, policy.dtype))
+    q = policy.cast(kernels.rope(q, cos, sin))
+    key = policy.cast(kernels.rope(key, cos, sin))
+    # Quirk Q1: keras-hub scales by 1/sqrt(head_dim) whatever query_head_dim_normalize says.
+    q = policy.cast(q * policy.scalar(1.0 / math.sqrt(hd)))
+    o = kernels.attention(q, key, value, mask, logit_soft_cap=config.attention_logit_soft_cap,
+                          rnd=policy.rounding)
+    return policy.cast(kernels.matmul(o.reshape(batch, length, n * hd), block.wo))
+
+
+def feed_forward(h: np.ndarray, block: DecoderBlockParams, policy: Policy, kernels: Kernels) -> np.ndarray:
+    """Gated GELU MLP: (gelu_tanh(h W_gate) * (h W_up)) W_down; no biases."""
+    gate = policy.cast(kernels.gelu_tanh(policy.cast(kernels.matmul(h, block.w_gate))))
+    up = policy.cast(kernels.matmul(h, block.w_up))
+    return policy.cast(kernels.matmul(policy.cast(gate * up), block.w_down))
+
+
+def layer_mask(mask: np.ndarray, layer: int, positions: np.ndarray, config: PaliGemmaConfig) -> np.ndarray:
+    """The prefix-LM mask, ANDed with the symmetric sliding band on the layers that use it."""
+    if not config.uses_sliding_window(layer):
+        return mask
+    return mask & sliding_window_band(positions, mask.shape[-1], config.sliding_window_size)[None]
+
+
+def decoder_block(x: np.ndarray, block: DecoderBlockParams, config: PaliGemmaConfig, policy: Policy,
+                  kernels: Kernels, mask: np.ndarray, positions: np.ndarray, rec: Recorder = NO_TAPS,
+                  name: str = "llm/layer") -> np.ndarray:
+    """One decoder block: x f[B, T, D] -> f[B, T, D]."""
+    h = rms_norm(x, block.pre_attention_norm, DECODER_NORM_EPSILON, policy, kernels)
+    rec(f"{name}/pre_attn_norm", h)
+    a = attention_block(h, block, config, policy, kernels, mask, positions)
+    rec(f"{name}/attn_out", a)
+    if block.post_attention_norm is not None:
+        a = rms_norm(a, block.post_attention_norm, DECODER_NORM_EPSILON, policy, kernels)
+        rec(f"{name}/post_attn_norm", a)
+    x = policy.cast(x + a)
+    rec(f"{name}/attn_residual", x)
+    h = rms_norm(x, block.pre_ffw_norm, DECODER_NORM_EPSILON, policy, kernels)
+    rec(f"{name}/pre_ffw_norm", h)
+    f = feed_forward(h, block, policy, kernels)
+    rec(f"{name}/ffw_out", f)
+    if block.post_ffw_norm is not None:
+        f = rms_norm(f, block.post_ffw_norm, DECODER_NORM_EPSILON, policy, kernels)
+        rec(f"{name}/post_ffw_norm", f)
+    return policy.cast(x + f)
+
+
+def lm_head(hidden: np.ndarray, table: np.ndarray, config: PaliGemmaConfig, policy: Policy,
+            kernels: Kernels) -> np.ndarray:
+    """Tied LM head f[..., D] -> f[..., V]: hidden @ table^T, then the final soft-cap if configured.
+
+    Under mixed_bfloat16 keras multiplies bf16 hidden states by the float32 table and keeps float32 logits.
+    """
+    rnd = (lambda x: x) if policy.mixed else policy.cast
+    logits = rnd(kernels.matmul(hidden, table.T))
+    if config.final_logit_soft_cap is not None:
+        logits = rnd(ops.soft_cap(logits, config.final_logit_soft_cap))
+    return logits
