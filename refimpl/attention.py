@@ -54,7 +54,7 @@ def sliding_window_band(query_positions: np.ndarray, key_len: int, window: int) 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None, *,
               score_divisor: float | None = None, logit_soft_cap: float | None = None,
-              rnd: Rounding = _identity) -> np.ndarray:
+              softmax_in_float32: bool = True, rnd: Rounding = _identity) -> np.ndarray:
     """Scaled dot-product attention with grouped key/value heads, one query head at a time.
 
     Args:
@@ -63,6 +63,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
       mask: bool[B, T, S] or None (the ViT attends everywhere).
       score_divisor: the ViT divides the scores by sqrt(head dim) after the matmul; None for the decoder.
       logit_soft_cap: Gemma 2's c*tanh(scores/c), applied before masking.
+      softmax_in_float32: the decoder's keras Softmax layer computes in float32 and only its output is rounded;
+        the ViT's softmax runs in the compute dtype, so under bf16 each of its steps is rounded.
       rnd: rounding applied wherever keras produces a tensor in the compute dtype (bf16 emulation).
     Returns:
       f[B, T, N, H]. Only one head's f[B, T, S] score matrix exists at a time.
@@ -77,8 +79,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
         if score_divisor is not None:
             scores = rnd(scores / q.dtype.type(score_divisor))
         if logit_soft_cap is not None:
-            scores = rnd(ops.soft_cap(scores, logit_soft_cap))
-        # keras runs the decoder softmax in float32 and casts back; the arrays here already are float32 or float64.
-        probs = rnd(ops.masked_softmax(scores, mask_or_none))
+            scores = ops.soft_cap(scores, logit_soft_cap, rnd)
+        probs = rnd(ops.masked_softmax(scores, mask_or_none, _identity if softmax_in_float32 else rnd))
         out[:, :, head, :] = rnd(np.matmul(probs, v[:, :, kv_head, :]))
     return out

@@ -36,27 +36,38 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float, policy: Policy, kerne
     return policy.cast(kernels.rms_norm(x, scale, eps))
 
 
-def attention_block(h: np.ndarray, block: DecoderBlockParams, config: PaliGemmaConfig, policy: Policy,
-                    kernels: Kernels, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Grouped-query self-attention with RoPE. h f[B, T, D], mask bool[B, T, S=T], positions f[T] -> f[B, T, D]."""
+def project_qkv(h: np.ndarray, block: DecoderBlockParams, config: PaliGemmaConfig, policy: Policy,
+                kernels: Kernels, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Queries f[B, T, N, H] (RoPE'd and scaled), keys f[B, T, K, H] (RoPE'd), values f[B, T, K, H].
+
+    ``positions`` f[T] are the absolute positions of the T rows of h f[B, T, D] (RoPE angles).
+    """
     batch, length, _ = h.shape
     n, k, hd = config.num_query_heads, config.num_key_value_heads, config.head_dim
     q = policy.cast(kernels.matmul(h, block.wq)).reshape(batch, length, n, hd)
     key = policy.cast(kernels.matmul(h, block.wk)).reshape(batch, length, k, hd)
     value = policy.cast(kernels.matmul(h, block.wv)).reshape(batch, length, k, hd)
     cos, sin = (policy.cast(table) for table in ops.rope_tables(positions, hd, policy.dtype))
-    q = policy.cast(kernels.rope(q, cos, sin))
-    key = policy.cast(kernels.rope(key, cos, sin))
+    q = kernels.rope(q, cos, sin, policy.rounding)
+    key = kernels.rope(key, cos, sin, policy.rounding)
     # Quirk Q1: keras-hub scales by 1/sqrt(head_dim) whatever query_head_dim_normalize says.
     q = policy.cast(q * policy.scalar(1.0 / math.sqrt(hd)))
+    return q, key, value
+
+
+def attention_block(h: np.ndarray, block: DecoderBlockParams, config: PaliGemmaConfig, policy: Policy,
+                    kernels: Kernels, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Grouped-query self-attention with RoPE. h f[B, T, D], mask bool[B, T, S=T], positions f[T] -> f[B, T, D]."""
+    batch, length, _ = h.shape
+    q, key, value = project_qkv(h, block, config, policy, kernels, positions)
     o = kernels.attention(q, key, value, mask, logit_soft_cap=config.attention_logit_soft_cap,
                           rnd=policy.rounding)
-    return policy.cast(kernels.matmul(o.reshape(batch, length, n * hd), block.wo))
+    return policy.cast(kernels.matmul(o.reshape(batch, length, -1), block.wo))
 
 
 def feed_forward(h: np.ndarray, block: DecoderBlockParams, policy: Policy, kernels: Kernels) -> np.ndarray:
     """Gated GELU MLP: (gelu_tanh(h W_gate) * (h W_up)) W_down; no biases."""
-    gate = policy.cast(kernels.gelu_tanh(policy.cast(kernels.matmul(h, block.w_gate))))
+    gate = kernels.gelu_tanh(policy.cast(kernels.matmul(h, block.w_gate)), policy.rounding)
     up = policy.cast(kernels.matmul(h, block.w_up))
     return policy.cast(kernels.matmul(policy.cast(gate * up), block.w_down))
 
@@ -95,10 +106,49 @@ def lm_head(hidden: np.ndarray, table: np.ndarray, config: PaliGemmaConfig, poli
             kernels: Kernels) -> np.ndarray:
     """Tied LM head f[..., D] -> f[..., V]: hidden @ table^T, then the final soft-cap if configured.
 
-    Under mixed_bfloat16 keras multiplies bf16 hidden states by the float32 table and keeps float32 logits.
+    Under both bf16 policies the logits are bf16 (the reader rounds the table for mixed_bfloat16 too).
     """
-    rnd = (lambda x: x) if policy.mixed else policy.cast
+    rnd = policy.rounding
     logits = rnd(kernels.matmul(hidden, table.T))
     if config.final_logit_soft_cap is not None:
-        logits = rnd(ops.soft_cap(logits, config.final_logit_soft_cap))
+        logits = ops.soft_cap(logits, config.final_logit_soft_cap, rnd)
     return logits
+
+
+# ---- cached decoding (keras-hub's call_with_cache; spec section 5.2) ------------------------------------------
+def attention_block_cached(h: np.ndarray, block: DecoderBlockParams, config: PaliGemmaConfig, policy: Policy,
+                           kernels: Kernels, mask: np.ndarray, positions: np.ndarray, cache_keys: np.ndarray,
+                           cache_values: np.ndarray) -> np.ndarray:
+    """Attention of the rows of h over a key/value cache, after writing their own keys and values into it.
+
+    Args:
+      h: f[B, T, D] pre-attention-norm output of the T positions being computed.
+      positions: int[T], their absolute positions (cache slots), consecutive as keras' ``cache_update_index``.
+      cache_keys, cache_values: f[B, S, K, H], updated in place at ``positions`` (keys RoPE'd, in the compute
+        dtype; keras also interleaves the key halves, which does not change q.k, so we do not).
+      mask: bool[B, T, S] over all S cache slots; unwritten slots must be masked.
+    Returns:
+      f[B, T, D].
+    """
+    batch, length, _ = h.shape
+    q, key, value = project_qkv(h, block, config, policy, kernels, positions)
+    cache_keys[:, positions] = key
+    cache_values[:, positions] = value
+    o = kernels.attention(q, cache_keys, cache_values, mask, logit_soft_cap=config.attention_logit_soft_cap,
+                          rnd=policy.rounding)
+    return policy.cast(kernels.matmul(o.reshape(batch, length, -1), block.wo))
+
+
+def decoder_block_cached(x: np.ndarray, block: DecoderBlockParams, config: PaliGemmaConfig, policy: Policy,
+                         kernels: Kernels, mask: np.ndarray, positions: np.ndarray, cache_keys: np.ndarray,
+                         cache_values: np.ndarray) -> np.ndarray:
+    """``decoder_block`` for x f[B, T, D] at absolute ``positions``, attending over (and updating) a KV cache."""
+    h = rms_norm(x, block.pre_attention_norm, DECODER_NORM_EPSILON, policy, kernels)
+    a = attention_block_cached(h, block, config, policy, kernels, mask, positions, cache_keys, cache_values)
+    if block.post_attention_norm is not None:
+        a = rms_norm(a, block.post_attention_norm, DECODER_NORM_EPSILON, policy, kernels)
+    x = policy.cast(x + a)
+    f = feed_forward(rms_norm(x, block.pre_ffw_norm, DECODER_NORM_EPSILON, policy, kernels), block, policy, kernels)
+    if block.post_ffw_norm is not None:
+        f = rms_norm(f, block.post_ffw_norm, DECODER_NORM_EPSILON, policy, kernels)
+    return policy.cast(x + f)

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import numpy as np
+
+from refimpl.dtypes import identity
+
+Rounding = Callable[[np.ndarray], np.ndarray]
 
 # RoPE base wavelength of every Gemma model (keras-hub's RotaryEmbedding ``max_wavelength``).
 ROPE_MAX_WAVELENGTH = 10_000.0
@@ -47,16 +53,24 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
     return normed * (1 + scale)
 
 
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU with the tanh approximation (keras ``approximate=True``), used by both towers."""
-    c = x.dtype.type(math.sqrt(2.0 / math.pi))
-    return 0.5 * x * (1.0 + np.tanh(c * (x + x.dtype.type(0.044715) * x * x * x)))
+def gelu_tanh(x: np.ndarray, rnd: Rounding = identity) -> np.ndarray:
+    """GELU with the tanh approximation (keras ``approximate=True``), used by both towers.
+
+    Written in jax's order, ``x * (0.5 * (1 + tanh(c * (x + 0.044715 * ((x * x) * x)))))``, so that under bf16
+    emulation ``rnd`` rounds after each primitive exactly where XLA rounds a bf16 computation.
+    """
+    # Constants take the array's dtype (jax casts them to bf16 too, hence rnd).
+    c, k = (rnd(np.asarray(value, dtype=x.dtype))[()] for value in (math.sqrt(2.0 / math.pi), 0.044715))
+    cube = rnd(rnd(x * x) * x)
+    inner = rnd(c * rnd(x + rnd(k * cube)))
+    cdf = rnd(x.dtype.type(0.5) * rnd(1 + rnd(np.tanh(inner))))
+    return rnd(x * cdf)
 
 
-def soft_cap(x: np.ndarray, cap: float) -> np.ndarray:
-    """Gemma 2 soft-cap ``cap * tanh(x / cap)``: a smooth clamp of x into (-cap, cap)."""
-    c = x.dtype.type(cap)
-    return np.tanh(x / c) * c
+def soft_cap(x: np.ndarray, cap: float, rnd: Rounding = identity) -> np.ndarray:
+    """Gemma 2 soft-cap ``tanh(x / cap) * cap``: a smooth clamp of x into (-cap, cap), in keras' op order."""
+    c = rnd(np.asarray(cap, dtype=x.dtype))[()]
+    return rnd(rnd(np.tanh(rnd(x / c))) * c)
 
 
 def rope_tables(positions: np.ndarray, head_dim: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +87,7 @@ def rope_tables(positions: np.ndarray, head_dim: int, dtype) -> tuple[np.ndarray
     return np.cos(angles), np.sin(angles)
 
 
-def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rnd: Rounding = identity) -> np.ndarray:
     """Rotate x f[B, T, heads, H] by cos, sin f[T, H]: ``x*cos + concat(-x2, x1)*sin`` (half split).
 
     Keras then interleaves the halves (Gemma's layout), identically for q and k, so q.k is unchanged; we omit
@@ -81,15 +95,18 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """
     half = x.shape[-1] // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return rnd(rnd(x * cos[:, None, :]) + rnd(rotated * sin[:, None, :]))
 
 
-def masked_softmax(logits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Softmax over the last axis with keras' masking: masked logits become -1e9, masked outputs exactly 0."""
+def masked_softmax(logits: np.ndarray, mask: np.ndarray | None, rnd: Rounding = identity) -> np.ndarray:
+    """Softmax over the last axis with keras' masking: masked logits become -1e9, masked outputs exactly 0.
+
+    ``rnd`` rounds each step (shift, exp, sum, divide) as jax's softmax does when it runs in bf16.
+    """
     if mask is not None:
         logits = np.where(mask, logits, logits.dtype.type(MASKED_LOGIT))
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs = shifted / shifted.sum(axis=-1, keepdims=True)
+    shifted = rnd(np.exp(rnd(logits - logits.max(axis=-1, keepdims=True))))
+    probs = rnd(shifted / rnd(shifted.sum(axis=-1, keepdims=True)))
     if mask is not None:
         probs = np.where(mask, probs, probs.dtype.type(0))
     return probs

@@ -4,7 +4,7 @@ images f[B, S, S, 3] in [-1, 1]  ->  patches  ->  pre-LN encoder blocks  ->  Lay
 
 Every tensor a keras layer returns is passed through ``policy.cast`` (a no-op except under the bf16 policies, where
 it rounds to bf16 as keras' compute dtype would). LayerNorm runs in float32 and rounds its output (keras >= 3.6).
-The ViT softmax runs in the compute dtype in keras; we compute it in float32 and round its output.
+The ViT softmax runs in the compute dtype (under bf16, every step of it is rounded).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def self_attention(h: np.ndarray, block: VitBlockParams, config: PaliGemmaConfig
                for w, b in ((block.wq, block.bq), (block.wk, block.bk), (block.wv, block.bv)))
     # keras divides the scores by cast(sqrt(hv)) after the matmul (8.5 for hv=72 under bf16).
     divisor = float(policy.scalar(math.sqrt(head_dim)))
-    o = kernels.attention(q, k, v, None, score_divisor=divisor, rnd=policy.rounding)
+    o = kernels.attention(q, k, v, None, score_divisor=divisor, softmax_in_float32=False, rnd=policy.rounding)
     return dense(o.reshape(batch, tokens, width), block.wo, block.bo, policy, kernels)
 
 
@@ -69,7 +69,7 @@ def encoder_block(x: np.ndarray, block: VitBlockParams, config: PaliGemmaConfig,
     rec(f"{name}/attn_residual", x)
     h = policy.cast(kernels.layer_norm(x, block.ln2_gamma, block.ln2_beta, VIT_LAYER_NORM_EPSILON))
     rec(f"{name}/ln2", h)
-    m = policy.cast(kernels.gelu_tanh(dense(h, block.mlp1_kernel, block.mlp1_bias, policy, kernels)))
+    m = kernels.gelu_tanh(dense(h, block.mlp1_kernel, block.mlp1_bias, policy, kernels), policy.rounding)
     m = dense(m, block.mlp2_kernel, block.mlp2_bias, policy, kernels)
     rec(f"{name}/mlp_out", m)
     return policy.cast(x + m)

@@ -252,14 +252,16 @@ def rounds_to_bfloat16(entry: SchemaEntry, policy: Policy) -> bool:
     """Whether this weight is rounded to bf16 under ``policy``.
 
     ``bfloat16`` stores every variable in bf16. ``mixed_bfloat16`` stores float32 and casts a variable to bf16
-    when a layer reads it, except for variables with autocast=False (spec section 7). Of those, the LayerNorm
-    gamma/beta feed float32 maths and the token table feeds the float32 LM head of an eager call, so they stay
-    float32. The ViT position table is autocast=False too, but keras casts its lookup result to bf16 at once, so
-    rounding the table here gives the same numbers and keeps that cast out of the forward pass.
+    when a layer reads it, except for variables with autocast=False (spec section 7). Of those, only the LayerNorm
+    gamma/beta are observable in float32 (LayerNorm computes in float32). The position and token tables are
+    autocast=False too, but every use rounds them: keras casts a lookup result to bf16 at once, and the LM head
+    under mixed_bfloat16 multiplies by the table in bf16 and returns bf16 logits (measured with keras 3.15.1 /
+    keras-hub 0.32: bit-identical logits only with a bf16 table), so rounding them here gives the same numbers.
     """
     if not policy.bf16:
         return False
-    keeps_float32 = policy.mixed and not entry.autocast and entry.field != "vit.position_embedding"
+    keeps_float32 = policy.mixed and not entry.autocast and entry.field not in ("vit.position_embedding",
+                                                                               "token_embedding")
     return not keeps_float32
 
 

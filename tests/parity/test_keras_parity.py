@@ -18,10 +18,17 @@ from tools import keras_oracle
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 CASES = sorted(p.name for p in GOLDEN.glob("*/case.json") for p in [p.parent])
 FLOAT32_BOUND = 1e-5
-# bf16 has an 8-bit significand: one rounding is up to 2^-9 = 0.2% relative. Keras' XLA program and our layer-level
-# emulation round at different points, and differences compound through the blocks; 5% of max |keras| bounds what we
-# measured (see golden/README.md) with room, and still catches any real mistake (which shows as O(1) differences).
-BFLOAT16_BOUND = 5e-2
+# refimpl's bf16 emulation rounds after every primitive op where XLA rounds a bf16 computation, so it usually
+# reproduces keras-hub's eager bf16 results bit for bit (measured: pg1_bf16 and a PaliGemma-2 bf16 preset identical in
+# every tap but single elements one bf16 ulp apart). Where numpy's and XLA's float32 exp/tanh differ by an ulp that
+# straddles a bf16 rounding boundary, the flipped element cascades: seed 106 of the live PaliGemma-2 bf16 test then
+# reaches 1.3e-2 at the logits. The bound, 2^-5 relative, leaves room for that and still fails on any real mistake
+# (a wrong cast point or op order shows up as 2e-2..1 in the first tap it touches, which the per-tap check sees).
+BFLOAT16_BOUND = 2.0 ** -5
+# ... and so that the bound cannot be met by skipping the emulation (float64 maths is within 3e-2 of keras' bf16
+# results too), at least a third of the taps must be bit-identical to keras' in 99% of their elements. Measured:
+# all taps on the golden bf16 case and most on live presets; computing in float64 instead gives none.
+BFLOAT16_MIN_EXACT_TAP_SHARE = 1 / 3
 
 
 def load_case(name):
@@ -49,6 +56,10 @@ def assert_parity(taps, keras, bound, label):
         worst[name] = max(errors)
     bad = {name: err for name, err in worst.items() if not err <= bound}
     assert not bad, f"{label}: taps over {bound:g} (max rel per batch row): {bad}"
+    if bound == BFLOAT16_BOUND:
+        exact = [name for name in keras if np.mean(taps[name] == keras[name]) >= 0.99]
+        assert len(exact) >= BFLOAT16_MIN_EXACT_TAP_SHARE * len(keras), (
+            f"{label}: only {len(exact)} of {len(keras)} taps are bit-identical to keras' bf16 results")
     return worst
 
 
@@ -74,19 +85,23 @@ needs_keras = pytest.mark.skipif(not keras_oracle.keras_hub_available(),
 
 @needs_keras
 @pytest.mark.keras
-@pytest.mark.parametrize("name,seed", [("pg1_basic", 101), ("pg2_window", 102), ("pg1_legacy_h5", 103),
-                                       ("pg1_sharded", 104), ("pg1_bf16", 105)])
-def test_refimpl_matches_live_keras_on_fresh_presets(tmp_path, name, seed):
+@pytest.mark.parametrize("name,seed,variant,dtype", [
+    ("pg1_basic", 101, "plain", "float32"), ("pg2_window", 102, "plain", "float32"),
+    ("pg1_legacy_h5", 103, "legacy_h5", "float32"), ("pg1_sharded", 104, "sharded", "float32"),
+    ("pg1_bf16", 105, "bf16", "bfloat16"), ("pg2_window", 106, "bf16", "bfloat16"),
+    ("pg2_window", 107, "plain", "mixed_bfloat16"), ("pg1_all_response", 108, "plain", "mixed_bfloat16")])
+def test_refimpl_matches_live_keras_on_fresh_presets(tmp_path, name, seed, variant, dtype):
     spec = keras_oracle.CASES[name]
-    keras_oracle.write_case(tmp_path / "case", spec.config, variant=spec.variant, dtype=spec.dtype, seed=seed,
+    keras_oracle.write_case(tmp_path / "case", spec.config, variant=variant, dtype=dtype, seed=seed,
                             input_kind=spec.input_kind, batch=spec.batch, text_len=spec.text_len)
     case_dir = tmp_path / "case"
     with np.load(case_dir / "inputs.npz", allow_pickle=False) as data:
         inputs = {k: data[k] for k in data.files}
     with np.load(case_dir / "keras_taps.npz", allow_pickle=False) as data:
         keras = {k: data[k] for k in data.files}
-    preset = case_dir / "model.h5" if spec.variant == "legacy_h5" else case_dir
-    model = PaliGemmaBackbone.from_preset(preset, dtype=spec.dtype)
-    _, taps = model.call_with_taps(inputs, taps=".*")
-    bound = FLOAT32_BOUND if spec.dtype == "float32" else BFLOAT16_BOUND
-    assert_parity(taps, keras, bound, f"live {name} seed {seed}")
+    preset = case_dir / "model.h5" if variant == "legacy_h5" else case_dir
+    for kernels in ("numpy", "numba"):
+        model = PaliGemmaBackbone.from_preset(preset, dtype=dtype, kernels=kernels)
+        _, taps = model.call_with_taps(inputs, taps=".*")
+        bound = FLOAT32_BOUND if dtype == "float32" else BFLOAT16_BOUND
+        assert_parity(taps, keras, bound, f"live {name} {variant} {dtype} seed {seed} {kernels}")
