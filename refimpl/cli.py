@@ -38,9 +38,13 @@ def _info(args) -> int:
         config = read_preset_config(path)
         report = {"preset": str(path)}
         from refimpl import weights
-        entries = weights.open_weight_file(path).entries()
-        dtypes = sorted({str(entry[1]) for entry in entries.values()})
-        report.update({"weight_entries": len(entries), "stored_dtypes": dtypes})
+        with weights.open_weight_file(path) as weight_file:
+            entries = weight_file.entries
+            report.update({"layout": weight_file.layout, "files": [str(f) for f in weight_file.files],
+                           "weight_entries": len(entries),
+                           "stored_dtypes": sorted({entry.dtype for entry in entries.values()})})
+            weights.check_weight_file(weight_file, config)
+            report["checks"] = "every weight present with the shape the config implies; nothing extra"
     from refimpl.config import count_params
     report.update({"parameter_count": count_params(config), "image_tokens": config.image_sequence_length,
                    "config": config.to_keras_config()})
