@@ -16,7 +16,6 @@ from the ``.npy`` headers and checked before anything is allocated.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -29,6 +28,7 @@ import numpy as np
 
 from refimpl import taps as tap_defs
 from refimpl.config import ConfigError, PaliGemmaConfig
+from refimpl.files import read_json_limited, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "MANIFEST.json"
@@ -138,26 +138,10 @@ def load_npz(path: str | Path, *, what: str | None = None, max_bytes: int = MAX_
 
 
 def read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise CaseError(f"{what}: file {path} not found")
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise CaseError(f"{what}: {path} is {size} bytes; expected at most {MAX_JSON_BYTES}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CaseError(f"{what}: {path} is not valid JSON ({error})") from None
+    return read_json_limited(path, what, MAX_JSON_BYTES, CaseError)
 
 
 # ---- manifest --------------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_manifest(golden_dir: str | Path) -> dict[str, str]:
     """``files`` of ``<golden_dir>/MANIFEST.json``: relative path -> sha256, after checking the schema."""
     path = Path(golden_dir) / MANIFEST_NAME

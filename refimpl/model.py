@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,6 +17,7 @@ from refimpl import gemma, presets as presets_lib
 from refimpl.attention import prefix_lm_mask
 from refimpl.config import ConfigError, PaliGemmaConfig, count_params
 from refimpl.dtypes import Policy, policy_from_keras
+from refimpl.files import read_json_limited
 from refimpl.init import random_params
 from refimpl.inputs import validate_inputs
 from refimpl.kernels import Kernels, get_kernels
@@ -173,13 +173,7 @@ class PaliGemmaBackbone:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {what} is {size} bytes; expected at most {MAX_CONFIG_BYTES}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: {what} is not valid JSON ({error})") from None
+    return read_json_limited(path, what, MAX_CONFIG_BYTES, ConfigError)
 
 
 def parse_backbone_config(document: Any, source: str) -> PaliGemmaConfig:

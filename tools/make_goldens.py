@@ -17,7 +17,6 @@ Goldens come from running implementations (keras-hub, refimpl), never from a sec
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import platform
 import shutil
@@ -28,20 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
+from conformance.cases import compute_manifest
 from refimpl.model import PaliGemmaBackbone
 
 SCHEMA_VERSION = 1
 GOLDEN_DIR = Path(__file__).resolve().parent.parent / "golden"
 CASE_SIDE_FILES = ("inputs.npz", "keras_taps.npz", "keras_provenance.json")
 REGENERATE = "python -m tools.make_goldens"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_inputs(case_dir: Path) -> dict[str, np.ndarray]:
@@ -127,11 +119,8 @@ def write_reference_part(case_dir: Path, case: dict) -> dict:
 
 
 def write_manifest(golden: Path) -> None:
-    files = {}
-    for case_dir in sorted(p for p in golden.iterdir() if p.is_dir()):
-        for path in sorted(p for p in case_dir.rglob("*") if p.is_file()):
-            files[path.relative_to(golden).as_posix()] = sha256(path)
-    manifest = {"schema_version": SCHEMA_VERSION, "files": files}
+    names = sorted(p.name for p in golden.iterdir() if (p / "case.json").is_file())
+    manifest = compute_manifest(golden, names)
     (golden / "MANIFEST.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
