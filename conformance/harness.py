@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -345,8 +345,15 @@ def _copy(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: np.array(value, copy=True) for key, value in arrays.items()}
 
 
+def _with_declared_xfails(options: CheckOptions, backend: Any) -> CheckOptions:
+    """Add the (regex, reason) pairs a prepared backend declares for its case (``backend.xfail``, optional)."""
+    declared = tuple(getattr(backend, "xfail", ()) or ())
+    return replace(options, xfail=options.xfail + declared) if declared else options
+
+
 def _run(case: Case, backend: Any, options: CheckOptions, selected: list[str], result: CaseResult) -> None:
     backend.prepare(case)
+    options = _with_declared_xfails(options, backend)
     caps = capabilities_of(backend)  # after prepare: a backend may learn its format from the case (dumps)
     outputs = dict(backend.run(_copy(case.inputs), list(selected)))
     forced = _teacher_forced(case, backend, selected) if options.teacher_forced else {}
@@ -389,6 +396,8 @@ def check_case(case: Case, backend: Any, options: CheckOptions = CheckOptions())
         return result
     finally:
         result.seconds = time.perf_counter() - start
+        # A backend's name may describe what prepare() chose for this case (keras-hub's dtype): read it again.
+        result.backend = str(getattr(backend, "name", type(backend).__name__))
     result.excluded_positions = max((t.excluded_positions for t in result.taps), default=0)
     result.divergence = find_divergence(case, result.taps, result.free_run_taps)
     if not any(t.compared for t in result.taps) and result.divergence is None:

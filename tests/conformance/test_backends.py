@@ -3,6 +3,8 @@
 import importlib.util
 
 import numpy as np
+from pathlib import Path
+
 import pytest
 
 from conformance import backend as backend_lib
@@ -65,3 +67,15 @@ def test_keras_written_preset_through_refimpl_and_keras_hub(tmp_path, capsys):
     assert main(["--golden", str(tmp_path), "--backend", "refimpl-numpy", "--teacher-forced"]) == 0
     assert main(["--golden", str(tmp_path), "--backend", "keras-hub", "--teacher-forced"]) == 0
     assert "PASS  pg1_basic" in capsys.readouterr().out
+
+
+@pytest.mark.keras
+@pytest.mark.skipif(KERAS_HUB_MISSING, reason="keras-hub not installed (tools/dev-setup.sh installs it)")
+def test_keras_hub_passes_golden_cases_through_the_harness(capsys):
+    """keras-hub itself, live, through the harness on committed cases (each costs about 30 s of keras loading):
+    the PaliGemma-2 window case, the bf16-stored case (run in bfloat16, as recorded) and the legacy .h5 case."""
+    cases = ["pg2_window", "pg1_bf16", "pg1_legacy_h5"]
+    shipped = Path(__file__).resolve().parents[2] / "golden"
+    assert main(["--golden", str(shipped), "--backend", "keras-hub", *sum((["--case", c] for c in cases), [])]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  pg1_bf16  [keras-hub[jax, bfloat16]]" in out and "3 conform" in out
