@@ -9,5 +9,13 @@ from refimpl.config import ConfigError, PaliGemmaConfig, count_params
 from refimpl.dtypes import Policy
 from refimpl.model import PaliGemmaBackbone
 
-__all__ = ["ConfigError", "PaliGemmaBackbone", "PaliGemmaConfig", "Policy", "count_params"]
+
+def __getattr__(name):  # the causal LM pulls in sentencepiece; import it only when asked for
+    if name == "PaliGemmaCausalLM":
+        from refimpl.causal_lm import PaliGemmaCausalLM
+        return PaliGemmaCausalLM
+    raise AttributeError(f"module 'refimpl' has no attribute {name!r}")
+
+
+__all__ = ["ConfigError", "PaliGemmaBackbone", "PaliGemmaCausalLM", "PaliGemmaConfig", "Policy", "count_params"]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 
     paligemma-ref info PRESET
     paligemma-ref forward --preset P --inputs in.npz --out out.npz [--dtype D] [--kernels K] [--taps REGEX]
+    paligemma-ref generate --preset P --image IMG --prompt TEXT [--max-length N] [--sampler greedy|top_k|...]
     paligemma-ref check [...]            (the conformance harness; see `paligemma-ref check --help`)
 
 Exit codes: 0 success (check: conforms), 1 divergence, 2 usage, input or integrity error.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refimpl import generate_cli
 from refimpl.dtypes import POLICY_NAMES
 
 
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--taps", default=None, help="regex of tap names to save (default: none)")
     forward.add_argument("--no-range-check", action="store_true", help="accept images outside the expected range")
     commands.add_parser("check", help="conformance check against the golden cases", add_help=False)
+    generate_cli.add_parser(commands)
     return parser
 
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return check_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        return {"info": _info, "forward": _forward}[args.command](args)
+        return {"info": _info, "forward": _forward, "generate": generate_cli.run}[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as error:
         print(f"paligemma-ref {args.command}: error: {error}", file=sys.stderr)
         return 2

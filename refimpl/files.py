@@ -5,22 +5,44 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 
-def read_json_limited(path: Path, what: str, limit: int, error: type[Exception] = ValueError) -> Any:
-    """The parsed JSON of ``path``; ``error`` (naming ``what`` and the path) if it is missing, over ``limit``
-    bytes (checked before reading) or not valid UTF-8 JSON."""
+def read_bytes_limited(path: Path, what: str, limit: int, error: type[Exception] = ValueError) -> bytes:
+    """The bytes of ``path``; FileNotFoundError if it is missing, ``error`` if it is over ``limit`` bytes (checked
+    before reading). Messages name ``what`` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise error(f"{what}: file {path} not found")
+        raise FileNotFoundError(f"{what}: file {path} not found")
     size = path.stat().st_size
     if size > limit:
         raise error(f"{what}: {path} is {size} bytes; expected at most {limit}")
+    return path.read_bytes()
+
+
+def read_json_limited(path: Path, what: str, limit: int, error: type[Exception] = ValueError) -> Any:
+    """The parsed JSON of ``path`` (size-checked as ``read_bytes_limited``); ``error`` if it is not UTF-8 JSON."""
+    raw = read_bytes_limited(path, what, limit, error)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as problem:
         raise error(f"{what}: {path} is not valid JSON ({problem})") from None
+
+
+def check_serialized_class(document: Any, source: str, class_names: Sequence[str],
+                           registered_names: Sequence[str | None], error: type[Exception] = ValueError) -> dict:
+    """Check a serialized keras object (``{"class_name", "config", ...}``) against a class-name allowlist, before
+    anything else of it is read; return its inner ``config`` dict."""
+    if not isinstance(document, Mapping):
+        raise error(f"{source}: expected a serialized keras object (a JSON object), found {type(document).__name__}")
+    class_name, registered = document.get("class_name"), document.get("registered_name")
+    if class_name not in class_names or registered not in registered_names:
+        raise error(f"{source}: class {class_name!r} (registered as {registered!r}) is not allowed; expected one "
+                    f"of {tuple(class_names)} registered as one of {tuple(n for n in registered_names if n)}")
+    config = document.get("config")
+    if not isinstance(config, Mapping):
+        raise error(f"{source}: expected a 'config' object, found {type(config).__name__}")
+    return dict(config)
 
 
 def sha256_file(path: Path) -> str:

@@ -17,7 +17,7 @@ from refimpl import gemma, presets as presets_lib
 from refimpl.attention import prefix_lm_mask
 from refimpl.config import ConfigError, PaliGemmaConfig, count_params
 from refimpl.dtypes import Policy, policy_from_keras
-from refimpl.files import read_json_limited
+from refimpl.files import check_serialized_class, read_json_limited
 from refimpl.init import random_params
 from refimpl.inputs import validate_inputs
 from refimpl.kernels import Kernels, get_kernels
@@ -178,13 +178,8 @@ def _read_json(path: Path, what: str) -> Any:
 
 def parse_backbone_config(document: Any, source: str) -> PaliGemmaConfig:
     """Check a serialized keras object (``{"class_name", "config", ...}``) and parse its backbone arguments."""
-    if not isinstance(document, dict) or "class_name" not in document or "config" not in document:
-        raise ConfigError(f"{source}: expected a serialized keras object with 'class_name' and 'config'")
-    class_name, registered = document.get("class_name"), document.get("registered_name")
-    if class_name not in ALLOWED_CLASS_NAMES or registered not in ALLOWED_REGISTERED_NAMES:
-        raise ConfigError(f"{source}: class {class_name!r} (registered as {registered!r}) is not allowed; "
-                          f"expected one of {ALLOWED_CLASS_NAMES} registered as {ALLOWED_REGISTERED_NAMES[:2]}")
-    return PaliGemmaConfig.from_keras_config(document["config"], source=source)
+    config = check_serialized_class(document, source, ALLOWED_CLASS_NAMES, ALLOWED_REGISTERED_NAMES, ConfigError)
+    return PaliGemmaConfig.from_keras_config(config, source=source)
 
 
 def read_preset_config(path: Path) -> PaliGemmaConfig:
