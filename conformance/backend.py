@@ -347,8 +347,11 @@ BACKENDS: dict[str, Callable[..., Any]] = {
     "keras-hub": lambda **kw: KerasHubBackend(**kw),
     "keras-recorded": lambda **kw: RecordedKerasBackend(**kw),
     "dump": lambda path, **kw: DumpBackend(path, **kw),
+    # HF transformers (torch): imported only when chosen, so the registry needs neither package.
+    "transformers": lambda **kw: make_backend("conformance.hf_backend:TransformersBackend", **kw),
 }
 BACKENDS["keras"] = BACKENDS["keras-hub"]
+BACKENDS["hf"] = BACKENDS["transformers"]
 
 
 def register_backend(name: str, factory: Callable[..., Any]) -> None:
