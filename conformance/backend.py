@@ -8,6 +8,7 @@ The protocol, small enough to implement in an afternoon:
         def prepare(self, case): ...                          # load case.preset (case.config, case.keras_dtype)
         def run(self, inputs, taps): ...                      # -> {tap name: array}, at least "llm/final_norm"
         def run_block(self, kind, index, block_input, inputs): ...   # optional, for --teacher-forced
+        def generate(self, inputs, max_length, stop_token_ids): ...  # optional, for generation records
 
 ``run`` gets the case's inputs (images f32[B, S, S, 3], token_ids int32[B, T], padding_mask and response_mask
 bool[B, T]) and the tap names wanted, in forward order; it may return any subset (names are those of
@@ -15,6 +16,17 @@ bool[B, T]) and the tap names wanted, in forward order; it may return any subset
 f[B, P, Dv]) or one decoder block (kind "decoder", input f[B, L, D]) on the golden block input and returns that
 block's taps under their full names (``img/block01/ln1`` ... ``img/block01/out``), so error introduced in the block
 is measured apart from error inherited from earlier blocks.
+
+``generate(inputs, max_length, stop_token_ids)`` is greedy generation with keras-hub's
+``PaliGemmaCausalLM.generate`` semantics (spec 5.2: a seed pass over image + prompt, then one token per step from
+the shortest prompt length on, longer prompts kept; no preprocessor). ``inputs`` are images f32[B, S, S, 3],
+token_ids int32[B, max_length] (each row's prompt, bos included, right-padded with 0) and padding_mask
+bool[B, max_length] (True on the prompt); ``stop_token_ids`` is None (generate to max_length) or a list of ids.
+It returns ``{"token_ids": int[B, max_length], "padding_mask": bool[B, max_length]}`` as keras' generate returns
+them (the mask True up to and including each row's first generated stop id; all True without stop ids) and,
+optionally, ``"step_logits": f[steps, B, V]``, the logits each step sampled from (step s predicts text position
+first + s, first = the shortest prompt length). Returning None means "no generation here" (reported as not
+provided, not as a failure).
 
 Shipped: ``RefimplBackend`` (this repository's NumPy or numba forward pass), ``DumpBackend`` (tensors an external
 port wrote to .npz / HDF5 files), ``KerasHubBackend`` (keras-hub itself, via ``tools.keras_oracle``) and
@@ -24,6 +36,7 @@ port wrote to .npz / HDF5 files), ``KerasHubBackend`` (keras-hub itself, via ``t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import math
@@ -102,6 +115,33 @@ def load_refimpl_model(case: Case, policy: str, kernels: str):
     return model
 
 
+def refimpl_generate(model, inputs: Mapping[str, np.ndarray],
+                     stop_token_ids: Sequence[int] | None) -> dict[str, np.ndarray]:
+    """Greedy generation of refimpl's ``PaliGemmaCausalLM`` on ``model`` (a PaliGemmaBackbone), as keras does it.
+
+    Ids and the returned mask come from ``generate_step``, which samples from float32 logits as keras' samplers do.
+    Its recorded logits are that float32 cast, so under the float64 policy each step's logits are recomputed in
+    float64 from the generated tokens (``recompute_logits``: the same step from scratch, no cache).
+
+    Returns:
+      token_ids int32[B, M], padding_mask bool[B, M], step_logits f[steps, B, V] in the policy's dtype, and steps
+      int64[steps] (the text position each step predicted).
+    """
+    from refimpl.causal_lm import PaliGemmaCausalLM
+
+    lm = PaliGemmaCausalLM(model)
+    out = lm.generate_step(inputs, stop_token_ids, return_logits=True)
+    logits = out["logits"]
+    if model.policy.dtype == np.float64 and len(out["steps"]):
+        prompt = np.asarray(inputs["padding_mask"], dtype=bool)
+        image_tokens = lm.encode_images(out["images"])
+        first = int(prompt.sum(axis=-1).min())
+        logits = np.stack([lm.recompute_logits(image_tokens, out["token_ids"], prompt, first, int(idx))
+                           for idx in out["steps"]])
+    return {"token_ids": out["token_ids"], "padding_mask": out["padding_mask"], "step_logits": logits,
+            "steps": out["steps"]}
+
+
 class RefimplBackend:
     """This repository's forward pass as a candidate (the numba kernels and float32 are the interesting ones).
 
@@ -164,9 +204,36 @@ class RefimplBackend:
         rec(f"{name}/out", out)
         return rec.taps
 
+    def generate(self, inputs: Mapping[str, np.ndarray], max_length: int,
+                 stop_token_ids: Sequence[int] | None) -> dict[str, np.ndarray]:
+        """Greedy generation (``refimpl_generate``); the length is that of ``inputs["token_ids"]``."""
+        with _single_numba_thread(self.kernels == "numba"):
+            out = refimpl_generate(self.model, inputs, stop_token_ids)
+        return {key: out[key] for key in ("token_ids", "padding_mask", "step_logits")}
+
+
+@contextlib.contextmanager
+def _single_numba_thread(active: bool):
+    """Run numba kernels on one thread inside the block. A decode step is one token per row, far too little work
+    per kernel call for threads to pay off (on a busy 2-core machine waking them cost 8 ms a call, 200x the work).
+    Results do not depend on the thread count: kernels use prange over independent rows only (style guide 5)."""
+    if not active:
+        yield
+        return
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
 
 # ---- dumps from an external port -------------------------------------------------------------------------------
 DUMP_SUFFIXES = (".npz", ".h5", ".hdf5")
+GEN_TOKEN_IDS, GEN_PADDING_MASK, GEN_STEP_LOGITS = "gen/token_ids", "gen/padding_mask", "gen/step_logits"
+GENERATION_DUMP_KEYS = (GEN_TOKEN_IDS, GEN_PADDING_MASK, GEN_STEP_LOGITS)
 
 
 def _read_h5_dump(path: Path) -> tuple[dict[str, np.ndarray], bool]:
@@ -188,10 +255,11 @@ def _read_h5_dump(path: Path) -> tuple[dict[str, np.ndarray], bool]:
             raw = dataset[()]
             if tag == "bfloat16" or (dataset.dtype.kind == "V" and dataset.dtype.itemsize == 2):
                 arrays[name], saw_bf16 = bfloat16_bits_to_float32(np.asarray(raw).view(np.uint16)), True
-            elif dataset.dtype.kind in "fb":
+            elif dataset.dtype.kind in "fb" or (name == GEN_TOKEN_IDS and dataset.dtype.kind in "iu"):
                 arrays[name] = np.asarray(raw)
             else:
-                raise CaseError(f"{path}:{name}: dtype {dataset.dtype} is neither float nor bool")
+                raise CaseError(f"{path}:{name}: dtype {dataset.dtype} is neither float nor bool"
+                                + (" (integers only for gen/token_ids)" if dataset.dtype.kind in "iu" else ""))
     return arrays, saw_bf16
 
 
@@ -203,6 +271,11 @@ class DumpBackend:
     HDF5 one dataset per tap, its path the tap name (``f["llm/layer02/out"]``). bf16 tensors: HDF5 datasets of
     2-byte opaque type or uint16 with ``attrs["dtype"] = "bfloat16"``, or any float array plus ``dtype="bfloat16"``.
     Run your port on ``golden/<case>/inputs.npz`` to make the dump.
+
+    Generation (cases with a generation record): run your port's greedy generate on
+    ``golden/<case>/generation_inputs.npz`` (stop ids in case.json ``generation``) and add ``gen/token_ids``
+    int[B, M], ``gen/padding_mask`` bool[B, M] and, optionally, ``gen/step_logits`` f[steps, B, V] to the dump
+    (see ``generate`` in this module's docstring). A dump without ``gen/token_ids`` has no generation to check.
     """
 
     def __init__(self, path: str | os.PathLike, *, dtype: str | None = None):
@@ -243,6 +316,8 @@ class DumpBackend:
             raise CaseError(f"candidate {path}: expected a {' / '.join(DUMP_SUFFIXES)} file")
         unknown = []
         for name in self.arrays:
+            if name in GENERATION_DUMP_KEYS:
+                continue
             try:
                 tap_defs.definition(name)
             except KeyError:
@@ -253,6 +328,14 @@ class DumpBackend:
     def run(self, inputs: Mapping[str, np.ndarray], taps: Sequence[str]) -> dict[str, np.ndarray]:
         return {name: self.arrays[name] for name in taps if name in self.arrays}
 
+    def generate(self, inputs: Mapping[str, np.ndarray], max_length: int,
+                 stop_token_ids: Sequence[int] | None) -> dict[str, np.ndarray] | None:
+        """``gen/token_ids``, ``gen/padding_mask`` and ``gen/step_logits`` of the dump; None without gen/token_ids."""
+        if GEN_TOKEN_IDS not in self.arrays:
+            return None
+        names = {GEN_TOKEN_IDS: "token_ids", GEN_PADDING_MASK: "padding_mask", GEN_STEP_LOGITS: "step_logits"}
+        return {key: self.arrays[name] for name, key in names.items() if name in self.arrays}
+
 
 # ---- keras-hub -------------------------------------------------------------------------------------------------
 class RecordedKerasBackend:
@@ -262,6 +345,7 @@ class RecordedKerasBackend:
 
     def __init__(self):
         self.arrays: dict[str, np.ndarray] = {}
+        self._generation: dict[str, np.ndarray] = {}
         self._dtype = "float32"
 
     @property
@@ -272,10 +356,16 @@ class RecordedKerasBackend:
         self.arrays = case.keras_taps()
         if not self.arrays:
             raise CaseError(f"case {case.name!r} has no recorded keras-hub outputs (case.json keras.file)")
+        self._generation = case.keras_generation()
         self._dtype = {"mixed_bfloat16": "bfloat16"}.get(case.keras_dtype, case.keras_dtype)
 
     def run(self, inputs: Mapping[str, np.ndarray], taps: Sequence[str]) -> dict[str, np.ndarray]:
         return {name: self.arrays[name] for name in taps if name in self.arrays}
+
+    def generate(self, inputs: Mapping[str, np.ndarray], max_length: int,
+                 stop_token_ids: Sequence[int] | None) -> dict[str, np.ndarray] | None:
+        """keras-hub's recorded generation of the case (``generation_keras.npz``), None if the case has none."""
+        return dict(self._generation) or None
 
 
 class KerasHubBackend:
@@ -320,6 +410,12 @@ class KerasHubBackend:
     def run(self, inputs: Mapping[str, np.ndarray], taps: Sequence[str]) -> dict[str, np.ndarray]:
         recorded = self._oracle.record_keras_taps(self.backbone, inputs)
         return {name: recorded[name] for name in taps if name in recorded}
+
+    def generate(self, inputs: Mapping[str, np.ndarray], max_length: int,
+                 stop_token_ids: Sequence[int] | None) -> dict[str, np.ndarray]:
+        """keras-hub's ``PaliGemmaCausalLM(backbone, preprocessor=None).generate``, greedy, compiled as keras does;
+        step logits recorded inside its loop (JAX backend; other backends return ids and mask only)."""
+        return self._oracle.keras_generate(self.backbone, inputs, stop_token_ids)
 
     def run_block(self, kind: str, index: int, block_input: np.ndarray,
                   inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -3,10 +3,14 @@
     golden/MANIFEST.json          {"schema_version": 1, "files": {"<case>/<relative file>": "<sha256 hex>", ...}}
     golden/<case>/case.json       name, description, config, preset, weights_variant, taps (forward order),
                                   float32_envelope, bfloat16_envelope (optional), keras,
-                                  tolerance_overrides (optional), provenance
+                                  tolerance_overrides (optional), provenance, generation (optional: inputs,
+                                  reference, max_length, stop_token_ids, float32_envelope, bfloat16_envelope
+                                  (optional), keras {file, ...}; see GenerationRecord)
     golden/<case>/inputs.npz      images f32[B, S, S, 3], token_ids int32[B, T], padding_mask, response_mask bool[B, T]
     golden/<case>/taps.npz        the float64 reference taps, keys = tap names
     golden/<case>/preset/...      the keras preset the case was made from
+    golden/<case>/generation_inputs.npz, generation.npz, generation_keras.npz
+                                  optional, named by case.json ``generation``: a greedy generation record (below)
 
 A case is any manifest entry ``<case>/case.json``; ``<case>`` may contain slashes (``tiny/pg1_basic``). Every file
 of a case is hashed before anything is read: a missing, changed or unlisted file is an ``IntegrityError`` (the CLI
@@ -36,6 +40,8 @@ REGENERATE_COMMAND = "python -m tools.make_goldens"
 MAX_JSON_BYTES = 16 << 20  # case.json and MANIFEST.json are a few KB; a 3B-model manifest is still far below this
 MAX_ARRAY_BYTES = 4 << 30  # one tap of a real model: [1, 1280, 2048] float64 is 21 MB; logits [1, T, 257152] more
 INPUT_KEYS = ("images", "token_ids", "padding_mask", "response_mask")
+GENERATION_INPUT_KEYS = ("images", "token_ids", "padding_mask")
+GENERATION_KEYS = ("token_ids", "padding_mask", "step_logits", "steps")  # of generation.npz
 WEIGHTS_VARIANTS = ("plain", "sharded", "bf16", "legacy_h5")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -62,6 +68,50 @@ class Envelope:
 
 
 @dataclass
+class GenerationRecord:
+    """A greedy generation on the case's preset, with keras-hub's ``PaliGemmaCausalLM.generate`` semantics.
+
+    ``inputs``: images f32[B, S, S, 3], token_ids int32[B, M] (each row's prompt, bos included, right-padded with 0
+    to the generation length M = ``max_length``) and padding_mask bool[B, M] (True on the prompt).
+    ``reference`` (refimpl float64, the ground truth): token_ids int32[B, M] and padding_mask bool[B, M] as
+    ``generate`` returns them, step_logits f64[steps, B, V] (step s predicts text position ``steps[s]``) and steps
+    int64[steps] = first_index, first_index + 1, ...; ``first_index`` is the shortest prompt length.
+    """
+
+    max_length: int
+    stop_token_ids: tuple[int, ...] | None
+    inputs: dict[str, np.ndarray] = field(repr=False)
+    reference: dict[str, np.ndarray] = field(repr=False)
+    float32_envelope: Envelope  # refimpl float32 step logits against the float64 ones, over the compared entries
+    bfloat16_envelope: Envelope | None
+    keras_file: str | None  # keras-hub's own run (token_ids, padding_mask, step_logits f32), or None
+    section: dict = field(repr=False)  # the case.json ``generation`` object as written
+
+    @property
+    def first_index(self) -> int:
+        return int(self.inputs["padding_mask"].sum(axis=-1).min())
+
+    @property
+    def steps(self) -> int:
+        return int(self.reference["steps"].shape[0])
+
+    def compared_steps(self) -> np.ndarray:
+        """bool[steps, B]: the (step, row) logits that count (``compared_step_mask`` of the reference)."""
+        return compared_step_mask(self.reference["padding_mask"], self.reference["steps"])
+
+
+def compared_step_mask(returned_padding_mask: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """bool[steps, B]: step logits that count, those whose predicted position the generation keeps.
+
+    Args:
+      returned_padding_mask: bool[B, M], as generate returns it (False after a row's first generated stop id: keras
+        goes on computing those rows, but nothing it writes there is kept).
+      steps: int[steps], the text position each step predicts.
+    """
+    return np.asarray(returned_padding_mask, dtype=bool)[:, np.asarray(steps)].T.copy()
+
+
+@dataclass
 class Case:
     """One loaded golden case. Arrays are read eagerly (cases are small); ``golden`` holds the float64 taps."""
 
@@ -79,6 +129,7 @@ class Case:
     provenance: dict
     inputs: dict[str, np.ndarray] = field(repr=False)
     golden: dict[str, np.ndarray] = field(repr=False)
+    generation: GenerationRecord | None = None  # case.json ``generation``, when the case has a generation record
 
     @property
     def parsed_config(self) -> PaliGemmaConfig:
@@ -99,6 +150,15 @@ class Case:
         if not name or not (self.directory / name).is_file():
             return {}
         return load_npz(self.directory / name, what=f"{self.name}/{name}")
+
+    def keras_generation(self) -> dict[str, np.ndarray]:
+        """keras-hub's own generation run (token_ids, padding_mask, step_logits f32), or {} if the case has none."""
+        name = self.generation.keras_file if self.generation is not None else None
+        if not name:
+            return {}
+        what = f"{self.name}/{name}"
+        arrays = load_npz(self.directory / name, what=what)
+        return _check_generation_output(arrays, self.generation, what, ("token_ids", "padding_mask", "step_logits"))
 
 
 # ---- safe array files ------------------------------------------------------------------------------------------
@@ -222,6 +282,17 @@ def _require(document: Mapping[str, Any], key: str, kind: type | tuple, what: st
     return value
 
 
+def _envelope(entry: Any, what: str) -> Envelope:
+    """One {max_abs, max_rel, rms} object of finite non-negative numbers; ``what`` names it in errors."""
+    try:
+        envelope = Envelope(float(entry["max_abs"]), float(entry["max_rel"]), float(entry["rms"]))
+    except (KeyError, TypeError, ValueError):
+        raise CaseError(f"{what} must be {{'max_abs', 'max_rel', 'rms'}} numbers, found {entry!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in vars(envelope).values()):
+        raise CaseError(f"{what} must hold finite non-negative numbers: {entry!r}")
+    return envelope
+
+
 def _envelopes(document: Mapping[str, Any], key: str, taps: tuple[str, ...], what: str) -> dict[str, Envelope]:
     raw = _require(document, key, dict, what) if key == "float32_envelope" else document.get(key) or {}
     if not isinstance(raw, dict):
@@ -230,13 +301,7 @@ def _envelopes(document: Mapping[str, Any], key: str, taps: tuple[str, ...], wha
     for tap, entry in raw.items():
         if tap not in taps:
             raise CaseError(f"{what}: {key} names tap {tap!r}, which is not in 'taps'")
-        try:
-            out[tap] = Envelope(float(entry["max_abs"]), float(entry["max_rel"]), float(entry["rms"]))
-        except (KeyError, TypeError, ValueError):
-            raise CaseError(f"{what}: {key}[{tap!r}] must be {{'max_abs', 'max_rel', 'rms'}} numbers, "
-                            f"found {entry!r}") from None
-        if not all(math.isfinite(v) and v >= 0 for v in vars(out[tap]).values()):
-            raise CaseError(f"{what}: {key}[{tap!r}] must hold finite non-negative numbers: {entry!r}")
+        out[tap] = _envelope(entry, f"{what}: {key}[{tap!r}]")
     return out
 
 
@@ -298,6 +363,112 @@ def _check_golden(golden: dict[str, np.ndarray], taps: tuple[str, ...], what: st
     return {name: golden[name] for name in taps}
 
 
+# ---- generation record (optional) -------------------------------------------------------------------------------
+def _case_file(directory: Path, relative: Any, what: str) -> Path:
+    """A file named by case.json, which must exist inside the case directory."""
+    if not isinstance(relative, str) or not relative:
+        raise CaseError(f"{what} must be a file name inside the case, found {relative!r}")
+    path = (directory / relative).resolve()
+    if not path.is_relative_to(directory.resolve()) or not path.is_file():
+        raise CaseError(f"{what}: {relative!r} must name an existing file inside the case")
+    return path
+
+
+def _stop_ids(raw: Any, vocabulary: int, what: str) -> tuple[int, ...] | None:
+    if raw is None:
+        return None
+    if not (isinstance(raw, list) and raw and all(isinstance(i, int) and 0 <= i < vocabulary for i in raw)):
+        raise CaseError(f"{what}: stop_token_ids must be null or a non-empty list of ids in [0, {vocabulary}), "
+                        f"found {raw!r}")
+    return tuple(raw)
+
+
+def _check_generation_inputs(inputs: dict[str, np.ndarray], config: PaliGemmaConfig, max_length: int,
+                             what: str) -> dict[str, np.ndarray]:
+    if set(inputs) != set(GENERATION_INPUT_KEYS):
+        raise CaseError(f"{what}: expected exactly the arrays {GENERATION_INPUT_KEYS}, found {sorted(inputs)}")
+    images, ids, mask = inputs["images"], inputs["token_ids"], inputs["padding_mask"]
+    s = config.image_size
+    if images.ndim != 4 or images.shape[1:] != (s, s, 3) or not np.issubdtype(images.dtype, np.floating):
+        raise CaseError(f"{what}: images must be float[B, {s}, {s}, 3], found {images.dtype}{list(images.shape)}")
+    shape = (images.shape[0], max_length)
+    if ids.shape != shape or not np.issubdtype(ids.dtype, np.integer):
+        raise CaseError(f"{what}: token_ids must be int{list(shape)} (max_length {max_length}), found "
+                        f"{ids.dtype}{list(ids.shape)}")
+    if mask.shape != shape or mask.dtype != bool:
+        raise CaseError(f"{what}: padding_mask must be bool{list(shape)}, found {mask.dtype}{list(mask.shape)}")
+    lengths = mask.sum(axis=-1)
+    prefix = np.arange(max_length)[None, :] < lengths[:, None]
+    if not np.array_equal(mask, prefix) or lengths.min() < 1:
+        raise CaseError(f"{what}: padding_mask must mark a non-empty prompt at the start of every row (right "
+                        f"padding), found row lengths {lengths.tolist()}")
+    if ids.min() < 0 or ids.max() >= config.vocabulary_size:
+        raise CaseError(f"{what}: token_ids must lie in [0, {config.vocabulary_size})")
+    return {k: inputs[k] for k in GENERATION_INPUT_KEYS}
+
+
+def _check_generation_output(arrays: dict[str, np.ndarray], record: "GenerationRecord", what: str,
+                             keys: tuple[str, ...] = GENERATION_KEYS) -> dict[str, np.ndarray]:
+    """Check a recorded generation (generation.npz: float64 logits and steps; keras: float32 logits, no steps)."""
+    if set(arrays) != set(keys):
+        raise CaseError(f"{what}: expected exactly the arrays {keys}, found {sorted(arrays)}")
+    shape = record.inputs["token_ids"].shape
+    ids, mask, logits = arrays["token_ids"], arrays["padding_mask"], arrays["step_logits"]
+    if ids.shape != shape or not np.issubdtype(ids.dtype, np.integer):
+        raise CaseError(f"{what}: token_ids must be int{list(shape)}, found {ids.dtype}{list(ids.shape)}")
+    if mask.shape != shape or mask.dtype != bool:
+        raise CaseError(f"{what}: padding_mask must be bool{list(shape)}, found {mask.dtype}{list(mask.shape)}")
+    prompt = record.inputs["padding_mask"]
+    if not np.array_equal(ids[prompt], record.inputs["token_ids"][prompt]):
+        raise CaseError(f"{what}: token_ids differ from the prompt tokens of the generation inputs")
+    expected_float = np.float64 if "steps" in keys else np.float32
+    if logits.ndim != 3 or logits.shape[1] != shape[0] or logits.dtype != expected_float:
+        raise CaseError(f"{what}: step_logits must be {np.dtype(expected_float).name}[steps, {shape[0]}, V], found "
+                        f"{logits.dtype}{list(logits.shape)}")
+    if "steps" in keys:
+        first, steps = int(prompt.sum(axis=-1).min()), arrays["steps"]
+        if not (steps.ndim == 1 and np.issubdtype(steps.dtype, np.integer) and 1 <= len(steps) <= shape[1] - first
+                and np.array_equal(steps, np.arange(first, first + len(steps))) and len(steps) == len(logits)):
+            raise CaseError(f"{what}: steps must be int[steps] = {first}, {first + 1}, ... (the shortest prompt "
+                            f"length on), one per step_logits row, at most {shape[1] - first}; found "
+                            f"{steps.dtype}{list(steps.shape)}, step_logits {list(logits.shape)}")
+    return {k: arrays[k] for k in keys}
+
+
+def _load_generation(directory: Path, name: str, document: Mapping[str, Any], config: PaliGemmaConfig,
+                     what: str) -> GenerationRecord | None:
+    """The ``generation`` section of case.json and the files it names, checked; None if the case has none."""
+    section = document.get("generation")
+    if section is None:
+        return None
+    what = f"{what} generation"
+    if not isinstance(section, dict):
+        raise CaseError(f"{what}: must be an object, found {type(section).__name__}")
+    max_length = _require(section, "max_length", int, what)
+    if max_length < 2:
+        raise CaseError(f"{what}: max_length must be >= 2, found {max_length}")
+    stops = _stop_ids(section.get("stop_token_ids"), config.vocabulary_size, what)
+    inputs_file = _case_file(directory, section.get("inputs"), f"{what} 'inputs'")
+    inputs = _check_generation_inputs(load_npz(inputs_file, what=f"{name}/{section['inputs']}"), config,
+                                      max_length, f"{name}/{section['inputs']}")
+    reference_file = _case_file(directory, section.get("reference"), f"{what} 'reference'")
+    bf16 = section.get("bfloat16_envelope")
+    keras_file = (section.get("keras") or {}).get("file") if isinstance(section.get("keras"), dict) else None
+    if keras_file is not None:
+        _case_file(directory, keras_file, f"{what} keras 'file'")
+    record = GenerationRecord(max_length=max_length, stop_token_ids=stops, inputs=inputs, reference={},
+                              float32_envelope=_envelope(section.get("float32_envelope"), f"{what} float32_envelope"),
+                              bfloat16_envelope=None if bf16 is None else _envelope(bf16, f"{what} bfloat16_envelope"),
+                              keras_file=keras_file, section=dict(section))
+    reference = load_npz(reference_file, what=f"{name}/{section['reference']}")
+    record.reference = _check_generation_output(reference, record, f"{name}/{section['reference']}")
+    vocabulary = record.reference["step_logits"].shape[-1]
+    if vocabulary != config.vocabulary_size:
+        raise CaseError(f"{name}/{section['reference']}: step_logits have {vocabulary} logits per row; the "
+                        f"config's vocabulary_size is {config.vocabulary_size}")
+    return record
+
+
 def parse_case_document(document: Any, what: str) -> dict:
     """Check the schema version and the required keys of a case.json document; return it."""
     if not isinstance(document, dict):
@@ -344,4 +515,5 @@ def load_case(golden_dir: str | Path, name: str, *, verify: bool = True) -> Case
                 bfloat16_envelope=_envelopes(document, "bfloat16_envelope", taps, what),
                 keras=dict(document.get("keras") or {}),
                 tolerance_overrides=_overrides(document, what), provenance=dict(document.get("provenance") or {}),
-                inputs=inputs, golden=golden)
+                inputs=inputs, golden=golden,
+                generation=_load_generation(directory, name, document, config, what))

@@ -4,6 +4,7 @@
     paligemma-ref check --candidate dumps/ --json report.json --junit junit.xml --html report.html
     paligemma-ref check --backend keras-hub --case pg1_basic --teacher-forced
     paligemma-ref check --backend my_port.conformance:MyBackend
+    paligemma-ref check --no-generation                   # skip the generation records (cases that have one)
 
 Exit codes: 0 every case conforms, 1 a case diverges, 2 usage error, broken or missing case (integrity, schema),
 or a backend that cannot run or crashed.
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run each block on the golden block input (backends with run_block)")
     parser.add_argument("--include-padding", action="store_true",
                         help="also compare positions at padded text tokens (excluded by default)")
+    parser.add_argument("--no-generation", action="store_true",
+                        help="do not check the cases' generation records (greedy ids, returned padding mask, "
+                             "step logits) even if the backend implements generate()")
     parser.add_argument("--json", type=Path, metavar="F", help="write the JSON report to F")
     parser.add_argument("--junit", type=Path, metavar="F", help="write JUnit XML to F")
     parser.add_argument("--html", type=Path, metavar="F", help="write the HTML report to F")
@@ -73,7 +77,8 @@ def _options(args) -> CheckOptions:
             raise ValueError(f"--tolerance {pattern} {atol} {rtol}: ATOL and RTOL must be numbers") from None
     return CheckOptions(include=args.taps, exclude=args.exclude, include_padding=args.include_padding,
                         teacher_forced=args.teacher_forced, candidate_dtype=args.candidate_dtype,
-                        tolerance_overrides=tuple(overrides), xfail=tuple((p, r) for p, r in args.xfail))
+                        tolerance_overrides=tuple(overrides), xfail=tuple((p, r) for p, r in args.xfail),
+                        generation=not args.no_generation)
 
 
 def _backend(args, case_count: int):

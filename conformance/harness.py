@@ -28,6 +28,23 @@ Padded positions: keras-hub, big_vision and HF disagree on queries at padding po
 them undefined, so for ``llm/`` taps whose axis 1 has length L (image + text) or T (text, logits) only positions
 with padding_mask True (and all image positions) are compared, unless ``include_padding``; masks lose the padded
 query rows only. Every result says how many positions were excluded.
+
+Generation. A case may hold a generation record (case.json ``generation``): greedy generation with keras-hub's
+``PaliGemmaCausalLM.generate`` semantics on ragged prompts, from refimpl in float64. When the backend implements
+``generate`` (``conformance.backend``), ``check_generation`` runs it on the record's inputs and compares:
+
+    gen/token_ids       exactly, at every position the reference's returned padding_mask keeps (after a row's stop
+                        token keras goes on writing tokens nobody keeps); the first differing position is reported
+                        as its generation step (position - shortest prompt length) with the rows that differ there
+    gen/padding_mask    the returned mask, exactly
+    gen/step_logits     f[steps, B, V], if returned: for the steps up to and including the first token divergence
+                        (later steps are fed other tokens) and the (step, row)s whose predicted position the
+                        reference keeps, within the "generation logits" tolerance (derived from the record's own
+                        float32 envelope like every tap's), and with the same argmax everywhere (top-1 agreement 1)
+
+Any of them failing fails the case (exit code 1); ``--xfail`` regexes apply to these three names too. A backend
+without ``generate`` (or returning None) gets "not provided", which does not fail. ``CheckOptions(generation=False)``
+(``--no-generation``) skips the check.
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ import numpy as np
 from conformance import metrics as metrics_lib
 from conformance import tolerances
 from conformance.backend import BLOCK_KINDS, BackendUnavailable, block_prefix, capabilities_of
-from conformance.cases import Case, CaseError, list_cases, load_case
+from conformance.cases import Case, CaseError, GenerationRecord, list_cases, load_case
 from conformance.metrics import TapMetrics
 from conformance.tolerances import Tolerance
 from refimpl.taps import REQUIRED_TAPS
@@ -64,7 +81,9 @@ class CheckOptions:
     teacher_forced: bool = False
     candidate_dtype: str | None = None  # tolerance row; default: the backend's, else each array's dtype
     tolerance_overrides: tuple[tuple[str, float, float], ...] = ()  # (regex, atol, rtol), over case.json's
-    xfail: tuple[tuple[str, str], ...] = ()  # (regex, reason)
+    xfail: tuple[tuple[str, str], ...] = ()  # (regex, reason); also matched against gen/token_ids, gen/padding_mask,
+    # gen/step_logits
+    generation: bool = True  # check the case's generation record with the backend's generate(), if both exist
 
 
 @dataclass
@@ -120,6 +139,7 @@ class CaseResult:
     teacher_forced: bool = False
     seconds: float = 0.0
     free_run_taps: list[TapResult] = field(default_factory=list)  # teacher-forced mode: the free run's block taps
+    generation: "GenerationResult | None" = None  # None: the case has no generation record, or --no-generation
 
     @property
     def passed(self) -> bool:
@@ -351,6 +371,184 @@ def _with_declared_xfails(options: CheckOptions, backend: Any) -> CheckOptions:
     return replace(options, xfail=options.xfail + declared) if declared else options
 
 
+# ---- generation ------------------------------------------------------------------------------------------------
+GEN_TOKEN_IDS, GEN_PADDING_MASK = "gen/token_ids", "gen/padding_mask"  # names of the parts, for --xfail and reports
+
+
+@dataclass
+class TokenDivergence:
+    """The first text position at which kept token ids differ, and the rows that differ there."""
+
+    step: int | None  # generation step (0 = the first); None: a position before the first step (a prompt token)
+    position: int  # text position (0 = bos)
+    rows: list[int]
+    candidate: list[int]  # those rows' ids at that position
+    reference: list[int]
+    reference_lead: list[float] = field(default_factory=list)  # per row: reference top-1 minus top-2 logit there
+
+    def describe(self) -> str:
+        where = f"step {self.step} (text position {self.position})" if self.step is not None else \
+            f"text position {self.position}, inside every prompt"
+        pairs = ", ".join(f"row {r}: {c} instead of {x}" for r, c, x in zip(self.rows, self.candidate, self.reference))
+        lead = (f"; the reference's top-1 logit leads by {', '.join(f'{v:.3g}' for v in self.reference_lead)} there"
+                if self.reference_lead else "")
+        return f"token ids diverge at {where}: {pairs}{lead}"
+
+
+@dataclass
+class GenerationResult:
+    """The check of one generation record: token ids and returned padding mask exactly, step logits in tolerance."""
+
+    status: str  # "pass", "fail" or "not_provided"
+    max_length: int
+    stop_token_ids: list[int] | None
+    first_index: int  # text position the first step predicts (the shortest prompt length)
+    reference_steps: int
+    candidate_steps: int | None = None  # rows of the candidate's step_logits (None: not provided)
+    token_ids: str = "not_compared"  # "pass", "fail" or "xfail"
+    token_divergence: TokenDivergence | None = None
+    token_message: str = ""
+    padding_mask: str = "not_compared"  # "pass", "fail" or "xfail"
+    padding_mask_message: str = ""
+    logits: TapResult | None = None  # gen/step_logits, kind "generation logits"; None when nothing was comparable
+    logits_compared_steps: int = 0
+    message: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "fail"
+
+
+def _xfail_reason(options: CheckOptions, name: str) -> str | None:
+    return next((reason for pattern, reason in options.xfail if re.search(pattern, name)), None)
+
+
+def _candidate_generation(out: Any, record: GenerationRecord) -> tuple[np.ndarray, np.ndarray, Any, str]:
+    """(token_ids, padding_mask, step_logits or None, problem): the candidate's arrays, checked for shape."""
+    if not isinstance(out, Mapping) or "token_ids" not in out or "padding_mask" not in out:
+        found = sorted(out) if isinstance(out, Mapping) else type(out).__name__
+        return None, None, None, f"generate() must return a dict with token_ids and padding_mask, found {found}"
+    ids, mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
+    shape = record.reference["token_ids"].shape
+    if ids.shape != shape or not np.issubdtype(ids.dtype, np.integer):
+        return None, None, None, f"token_ids are {ids.dtype}{list(ids.shape)}, expected int{list(shape)}"
+    if mask.shape != shape or mask.dtype != bool:
+        return None, None, None, f"padding_mask is {mask.dtype}{list(mask.shape)}, expected bool{list(shape)}"
+    logits = out.get("step_logits")
+    return ids, mask, None if logits is None else np.asarray(logits), ""
+
+
+def _first_token_divergence(ids: np.ndarray, record: GenerationRecord) -> TokenDivergence | None:
+    """Compare ids where the reference's returned padding_mask keeps them; the first differing position wins."""
+    reference, kept = record.reference["token_ids"], record.reference["padding_mask"]
+    differs = (ids != reference) & kept
+    if not differs.any():
+        return None
+    position = int(np.flatnonzero(differs.any(axis=0))[0])
+    rows = [int(r) for r in np.flatnonzero(differs[:, position])]
+    step = position - record.first_index if position >= record.first_index else None
+    lead = []
+    if step is not None and step < record.steps:  # how close to a tie the reference's own choice was
+        top = np.sort(record.reference["step_logits"][step, rows], axis=-1)
+        lead = [float(v) for v in top[:, -1] - top[:, -2]]
+    return TokenDivergence(step, position, rows, [int(ids[r, position]) for r in rows],
+                           [int(reference[r, position]) for r in rows], lead)
+
+
+def _padding_mask_message(mask: np.ndarray, record: GenerationRecord) -> str:
+    differs = mask != record.reference["padding_mask"]
+    if not differs.any():
+        return ""
+    row, position = (int(i) for i in np.argwhere(differs)[0])
+    expected = bool(record.reference["padding_mask"][row, position])
+    return (f"returned padding_mask differs in {int(differs.sum())} places, first at row {row}, text position "
+            f"{position} ({bool(mask[row, position])} instead of {expected})")
+
+
+def _compared_step_count(result: GenerationResult) -> int:
+    """Steps whose logits are comparable: all of the reference's, up to and including the first token divergence
+    (later steps are fed different tokens); none if a token before the first step differs."""
+    d = result.token_divergence
+    if d is None:
+        return result.reference_steps
+    return 0 if d.step is None else min(result.reference_steps, d.step + 1)
+
+
+def _check_step_logits(case: Case, result: GenerationResult, logits: np.ndarray | None, options: CheckOptions,
+                       caps_dtype: str | None) -> None:
+    record, name = case.generation, tolerances.GENERATION_LOGITS
+    n = _compared_step_count(result)
+    tap = TapResult(name=name, index=len(case.taps), kind=tolerances.tap_kind(name), status="not_provided")
+    result.logits = tap
+    if logits is None:
+        tap.message = "the backend returned no step_logits"
+        return
+    result.candidate_steps = int(logits.shape[0]) if logits.ndim else None
+    reference = record.reference["step_logits"]
+    if logits.ndim != 3 or logits.shape[1:] != reference.shape[1:] or logits.shape[0] < n:
+        tap.status = "fail"
+        tap.message = (f"step_logits {logits.dtype}{list(logits.shape)}, expected [{record.steps}, "
+                       f"{reference.shape[1]}, {reference.shape[2]}] (at least {n} steps)")
+        return
+    if n == 0:
+        tap.message = "no step is comparable (a prompt token differs)"
+        return
+    keep = record.compared_steps()[:n]
+    tap.fmt = _format_for(options, caps_dtype, logits)
+    scale = float(np.max(np.abs(reference[:n][keep])))
+    envelopes = {"float32": record.float32_envelope, "bfloat16": record.bfloat16_envelope}
+    tap.tolerance = tolerances.resolve(name, tap.fmt, scale, envelopes, case_overrides=case.tolerance_overrides,
+                                       cli_overrides=options.tolerance_overrides)
+    tap.metrics = metrics_lib.compare(logits[:n], reference[:n], atol=tap.tolerance.atol, rtol=tap.tolerance.rtol,
+                                      fmt=tap.fmt, keep=keep, logits=True)
+    tap.excluded_positions = int(np.count_nonzero(~keep))
+    result.logits_compared_steps = n
+    tap.status, tap.message = _verdict(tap)
+    top1 = tap.metrics.top1_agreement
+    if tap.status == "pass" and top1 is not None and top1 < 1:
+        tap.status = "fail"
+        tap.message = f"within tolerance, but the top-1 token differs in {1 - top1:.1%} of the compared (step, row)s"
+
+
+def check_generation(case: Case, backend: Any, options: CheckOptions, caps_dtype: str | None) -> GenerationResult:
+    """Run ``backend.generate`` on the case's generation record and compare (module docstring, "Generation")."""
+    record = case.generation
+    stops = None if record.stop_token_ids is None else list(record.stop_token_ids)
+    result = GenerationResult(status="fail", max_length=record.max_length, stop_token_ids=stops,
+                              first_index=record.first_index, reference_steps=record.steps)
+    generate = getattr(backend, "generate", None)
+    out = generate(_copy(record.inputs), record.max_length, stops) if callable(generate) else None
+    if out is None:
+        result.status = "not_provided"
+        result.message = "the backend returned no generation" if callable(generate) else "the backend has no generate()"
+        return result
+    ids, mask, logits, problem = _candidate_generation(out, record)
+    if problem:
+        result.message = problem
+        return result
+    result.token_divergence = _first_token_divergence(ids, record)
+    result.token_ids = "fail" if result.token_divergence else "pass"
+    result.token_message = result.token_divergence.describe() if result.token_divergence else ""
+    result.padding_mask_message = _padding_mask_message(mask, record)
+    result.padding_mask = "fail" if result.padding_mask_message else "pass"
+    _check_step_logits(case, result, logits, options, caps_dtype)
+    _apply_generation_xfails(result, options)
+    parts = (result.token_ids, result.padding_mask, result.logits.status)
+    result.status = "fail" if "fail" in parts else "pass"
+    return result
+
+
+def _apply_generation_xfails(result: GenerationResult, options: CheckOptions) -> None:
+    if result.token_ids == "fail" and _xfail_reason(options, GEN_TOKEN_IDS):
+        result.token_ids = "xfail"
+    if result.padding_mask == "fail" and _xfail_reason(options, GEN_PADDING_MASK):
+        result.padding_mask = "xfail"
+    tap = result.logits
+    if tap.status == "fail" and tap.metrics is not None:
+        tap.xfail_reason = _xfail_reason(options, tap.name)
+        tap.status = "xfail" if tap.xfail_reason else "fail"
+
+
 def _run(case: Case, backend: Any, options: CheckOptions, selected: list[str], result: CaseResult) -> None:
     backend.prepare(case)
     options = _with_declared_xfails(options, backend)
@@ -370,6 +568,8 @@ def _run(case: Case, backend: Any, options: CheckOptions, selected: list[str], r
             result.free_run_taps.append(run)
             run = compare_tap(case, name, index, forced[name], options, caps.dtype, "teacher_forced")
         result.taps.append(run)
+    if options.generation and case.generation is not None:
+        result.generation = check_generation(case, backend, options, caps.dtype)
 
 
 def check_case(case: Case, backend: Any, options: CheckOptions = CheckOptions()) -> CaseResult:
@@ -400,10 +600,11 @@ def check_case(case: Case, backend: Any, options: CheckOptions = CheckOptions())
         result.backend = str(getattr(backend, "name", type(backend).__name__))
     result.excluded_positions = max((t.excluded_positions for t in result.taps), default=0)
     result.divergence = find_divergence(case, result.taps, result.free_run_taps)
+    generation_failed = result.generation is not None and result.generation.status == "fail"
     if not any(t.compared for t in result.taps) and result.divergence is None:
         result.status, result.error = "fail", "no tap was compared (none selected, or none provided)"
     else:
-        result.status = "fail" if result.divergence else "pass"
+        result.status = "fail" if result.divergence or generation_failed else "pass"
     return result
 
 

@@ -8,7 +8,8 @@ JSON (``to_json``), schema_version 1:
 
     {"schema": "paligemma-ref conformance report", "schema_version": 1,
      "summary": {"cases", "passed", "failed", "errors", "exit_code"},
-     "options": {include, exclude, include_padding, teacher_forced, candidate_dtype, tolerance_overrides, xfail},
+     "options": {include, exclude, include_padding, teacher_forced, candidate_dtype, tolerance_overrides, xfail,
+                 generation},
      "cases": [{
         "case", "backend", "status": "pass"|"fail"|"error", "error": str|null, "notes": [str],
         "candidate_dtype", "teacher_forced", "excluded_positions", "seconds",
@@ -23,14 +24,25 @@ JSON (``to_json``), schema_version 1:
                                      max_ulp, cosine, nmse_db, n_out, frac_out, budget_used, worst_index,
                                      worst: [{index, value, ref, abs_err}], top1_agreement, top5_overlap,
                                      mean_kl}}],
-        "free_run_taps": [same as taps: with --teacher-forced, the block taps of the free-running pass]}]}
+        "free_run_taps": [same as taps: with --teacher-forced, the block taps of the free-running pass],
+        "generation": null | {"status": "pass"|"fail"|"not_provided", "max_length", "stop_token_ids",
+                              "first_index", "reference_steps", "candidate_steps", "token_ids", "token_message",
+                              "token_divergence": null | {"step", "position", "rows", "candidate", "reference",
+                                                          "reference_lead"},
+                              "padding_mask", "padding_mask_message", "logits_compared_steps", "message",
+                              "logits": null | same as a tap (name "gen/step_logits", kind "generation logits")}}]}
+
+"generation" is null when the case has no generation record or --no-generation was given; "token_ids" and
+"padding_mask" are "pass", "fail", "xfail" or "not_compared"; "step" counts generation steps from 0 (text position
+first_index + step), null for a differing token before the first step.
 
 Non-finite numbers are written as the strings "inf", "-inf" and "nan" (JSON has no literal for them). "budget"
 is max |x - ref| / (atol + rtol |ref|): a tap passes when it is at most 1.
 
 JUnit XML (``to_junit``): one testsuite per case, one testcase per tap (classname ``conformance.<case>``), a
 failure element for every failing tap, skipped for xfailed and not-provided taps, and an error testcase for a case
-that could not be checked. HTML (``to_html``): a summary table, then per case an inline SVG of log10(max rel error)
+that could not be checked; a case with a generation record adds testcases gen/token_ids, gen/padding_mask and
+gen/step_logits. HTML (``to_html``): a summary table, then per case an inline SVG of log10(max rel error)
 and log10(tolerance / max|ref|) against depth (tap index in forward order), and the tap table; no dependencies.
 """
 
@@ -44,7 +56,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from conformance.harness import CaseResult, TapResult, exit_code
+from conformance.harness import GEN_PADDING_MASK, GEN_TOKEN_IDS, CaseResult, GenerationResult, TapResult, exit_code
 
 REPORT_SCHEMA_VERSION = 1
 MAX_DETAIL_ROWS = 25
@@ -89,18 +101,69 @@ def summary_line(result: CaseResult) -> str:
     compared = sum(t.compared for t in result.taps)
     excluded = f"; {result.excluded_positions} padded positions excluded" if result.excluded_positions else ""
     mode = "; teacher-forced blocks" if result.teacher_forced else ""
+    generation = f"; {generation_summary(result.generation)}" if result.generation is not None else ""
     if result.divergence is not None:
         d = result.divergence
         return (f"{head}  first divergence {d.tap} ({d.kind}): {fmt(d.budget)}x tolerance, {d.verdict}"
-                f"  [{compared} taps compared{excluded}{mode}]")
-    if result.status == "fail":
+                f"  [{compared} taps compared{excluded}{mode}{generation}]")
+    if result.status == "fail" and result.error:
         return f"{head}  {result.error}"
+    if result.status == "fail":  # the taps conform, the generation does not
+        return f"{head}  {generation_summary(result.generation)}  [{compared} taps compared, all conform]"
     worst = _worst_tap(result)
     at = f", worst {fmt(worst.budget)}x tolerance at {worst.name}" if worst and worst.budget > 0 else (
         ", every tap identical to the reference" if worst else "")
     xfailed = sum(t.status == "xfail" for t in result.taps)
     xfail = f"; {xfailed} xfailed" if xfailed else ""
-    return f"{head}  {compared} taps compared{at}{xfail}{excluded}{mode}  ({result.seconds:.2f} s)"
+    return f"{head}  {compared} taps compared{at}{xfail}{excluded}{mode}{generation}  ({result.seconds:.2f} s)"
+
+
+def generation_summary(g: GenerationResult) -> str:
+    """One phrase: how the generation check went."""
+    if g.status == "not_provided":
+        return f"generation not checked ({g.message})"
+    if g.message:
+        return f"generation fails: {g.message}"
+    if g.token_ids == "fail":
+        return f"generation: {g.token_message}"
+    if g.padding_mask == "fail":
+        return f"generation: {g.padding_mask_message}"
+    tap = g.logits
+    if tap is not None and tap.status == "fail":
+        return f"generation: step logits fail ({tap.message})"
+    logits = (f", step logits {fmt(tap.budget)}x tolerance" if tap is not None and tap.metrics is not None
+              else f", {tap.message}" if tap is not None and tap.message else "")
+    xfailed = [n for n, st in ((GEN_TOKEN_IDS, g.token_ids), (GEN_PADDING_MASK, g.padding_mask),
+                               (tap.name if tap else "", tap.status if tap else "")) if st == "xfail"]
+    xfail = f" ({', '.join(xfailed)} xfailed)" if xfailed else ""
+    return f"generation: {g.reference_steps} steps, token ids and padding mask equal{logits}{xfail}"
+
+
+def generation_lines(g: GenerationResult) -> list[str]:
+    """The detail lines of a generation check (terminal and HTML)."""
+    stops = "none" if g.stop_token_ids is None else str(g.stop_token_ids)
+    lines = [f"  generation: {g.status}, max_length {g.max_length}, stop ids {stops}, {g.reference_steps} reference "
+             f"steps from text position {g.first_index}"]
+    if g.status == "not_provided" or g.message:
+        return lines + [f"    {g.message}"]
+    lines.append(f"    token ids: {g.token_ids}" + (f" - {g.token_message}" if g.token_message else ""))
+    lines.append(f"    padding mask: {g.padding_mask}" + (f" - {g.padding_mask_message}" if g.padding_mask_message
+                                                          else ""))
+    tap = g.logits
+    if tap is None:
+        return lines
+    if tap.metrics is None or not (tap.metrics.shape_ok and tap.metrics.dtype_ok):
+        return lines + [f"    step logits: {tap.status} - {tap.message}"]
+    m = tap.metrics
+    lines.append(f"    step logits: {tap.status}, {g.logits_compared_steps} steps compared, max|err| {fmt(m.max_abs)}, "
+                 f"{fmt(m.budget_used)}x tolerance, top-1 agreement {fmt(m.top1_agreement, '.3f')}"
+                 + (f" - {tap.message}" if tap.message else ""))
+    if tap.tolerance is not None:
+        lines.append(f"      tolerance: {tap.tolerance.source}")
+    if tap.status != "pass":
+        lines += [f"      at [step, row, token] {list(w['index'])}: candidate {w['value']:.7g}, reference "
+                  f"{w['ref']:.7g}" for w in m.worst]
+    return lines
 
 
 TABLE_COLUMNS = ("status", "tap", "kind", "max|err|", "max rel", "x tol", "ulp", "cosine", "nmse dB", "out %")
@@ -162,6 +225,8 @@ def case_detail(result: CaseResult, verbose: bool = False) -> str:
         lines.append(f"  {len(not_provided)} taps not provided by the backend (e.g. {', '.join(not_provided[:3])})")
     xfailed = [t for t in result.taps if t.status == "xfail"]
     lines += [f"  xfail {t.name}: {t.xfail_reason}" for t in xfailed]
+    if result.generation is not None and (verbose or result.generation.status == "fail"):
+        lines += generation_lines(result.generation)
     return "\n".join(lines)
 
 
@@ -192,7 +257,14 @@ def case_json(r: CaseResult) -> dict:
                      "candidate_dtype": r.candidate_dtype, "teacher_forced": r.teacher_forced,
                      "excluded_positions": r.excluded_positions, "seconds": r.seconds,
                      "first_divergence": r.divergence, "taps": [tap_json(t) for t in r.taps],
-                     "free_run_taps": [tap_json(t) for t in r.free_run_taps]})
+                     "free_run_taps": [tap_json(t) for t in r.free_run_taps],
+                     "generation": None if r.generation is None else generation_json(r.generation)})
+
+
+def generation_json(g: GenerationResult) -> dict:
+    document = {f.name: getattr(g, f.name) for f in dataclasses.fields(g) if f.name != "logits"}
+    document["logits"] = None if g.logits is None else tap_json(g.logits)
+    return jsonable(document)
 
 
 def to_json(results: Sequence[CaseResult], options: Any = None) -> dict:
@@ -220,6 +292,29 @@ def _tap_details(t: TapResult) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def _junit_generation(suite: ET.Element, r: CaseResult, counts: dict[str, int]) -> None:
+    """Testcases gen/token_ids, gen/padding_mask and gen/step_logits of a case's generation check."""
+    g = r.generation
+    tap = g.logits
+    parts = [(GEN_TOKEN_IDS, g.token_ids, g.token_message or g.message),
+             (GEN_PADDING_MASK, g.padding_mask, g.padding_mask_message or g.message),
+             ("gen/step_logits", tap.status if tap else "not_compared", (tap.message if tap else "") or g.message)]
+    for name, status, message in parts:
+        if g.status == "not_provided":
+            status = "not_provided"
+        elif g.message:  # the candidate's arrays could not be compared at all
+            status = "fail"
+        case = ET.SubElement(suite, "testcase", classname=f"conformance.{r.case}", name=name, time="0")
+        counts["tests"] += 1
+        if status == "fail":
+            details = _tap_details(tap) if name == "gen/step_logits" and tap is not None else message
+            ET.SubElement(case, "failure", message=message or "fail", type="generation").text = details
+            counts["failures"] += 1
+        elif status != "pass":
+            ET.SubElement(case, "skipped", message=f"{status}: {message}" if message else status)
+            counts["skipped"] += 1
+
+
 def to_junit(results: Sequence[CaseResult]) -> str:
     """JUnit XML: a testsuite per case, a testcase per tap."""
     root = ET.Element("testsuites", name="paligemma-ref conformance")
@@ -245,6 +340,8 @@ def to_junit(results: Sequence[CaseResult]) -> str:
                 reason = f"xfail: {t.xfail_reason}" if t.status == "xfail" else "not provided by the backend"
                 ET.SubElement(case, "skipped", message=reason)
                 counts["skipped"] += 1
+        if r.generation is not None:
+            _junit_generation(suite, r, counts)
         for key, value in counts.items():
             suite.set(key, str(value))
             totals[key] += value
@@ -379,7 +476,8 @@ def to_html(results: Sequence[CaseResult], title: str = "PaliGemma conformance r
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"]
     summary = [[STATUS_WORD.get(r.status, r.status), r.case, r.backend,
-                r.divergence.tap if r.divergence else (r.error or "-"),
+                r.divergence.tap if r.divergence else (r.error or (generation_summary(r.generation)
+                                                                   if r.generation and r.status == "fail" else "-")),
                 r.divergence.verdict if r.divergence else "-"] for r in results]
     parts.append(_html_table(summary, ("status", "case", "backend", "first divergence / error", "verdict")))
     for r in results:
@@ -389,6 +487,8 @@ def to_html(results: Sequence[CaseResult], title: str = "PaliGemma conformance r
             detail = case_detail(r)
             if detail:
                 parts.append(f"<pre>{html.escape(detail)}</pre>")
+        elif r.generation is not None:
+            parts.append(f"<pre>{html.escape(chr(10).join(generation_lines(r.generation)))}</pre>")
         if r.taps:
             parts.append(svg_plot(r))
             parts.append(_html_table([tap_row(t) for t in r.taps], TABLE_COLUMNS))

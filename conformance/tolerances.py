@@ -34,6 +34,14 @@ largest envelope.max_rel measured per kind, times the same multiple, rounded up 
 2^-29; bfloat16 is twice the largest relative error of the emulation and of keras-hub bf16 against float64; float16
 is not measured (nothing here emulates it): the bfloat16 row scaled by the unit roundoff ratio 2^-11 / 2^-8 = 1/8.
 
+Generation logits (kind "generation logits", name ``gen/step_logits``): the per-step logits of a case's generation
+record follow the same rules, with the record's own envelope (case.json ``generation.float32_envelope``: refimpl
+float32 against float64 over every compared step and row) in place of a tap's; scale is max |ref| over the compared
+entries. Measured on the shipped records (pg1_basic, pg2_window), error / envelope.max_abs: refimpl numba float32
+1.47 and 1.13, keras-hub's compiled generate 2.28 and 1.14 (at most 0.23 of the tolerance). The records carry no
+bf16 envelope, so a bf16 candidate gets the fallback row, the same as for ``llm/logits`` (refimpl's bf16 emulation:
+max rel 4.1e-2 against 9e-2).
+
 Overrides, in increasing precedence: case.json ``tolerance_overrides`` {tap regex: {atol, rtol}}, then the command
 line (``--tolerance REGEX ATOL RTOL``); both are absolute and replace the table for matching taps; the report says
 which rule decided every tap. Regexes match with ``re.search``.
@@ -51,7 +59,8 @@ from conformance.cases import Envelope
 from conformance.metrics import ulp
 
 CANDIDATE_DTYPES = ("float64", "float32", "bfloat16", "float16")
-TAP_KINDS = ("input", "embedding", "norm", "attention", "mlp", "residual", "logits", "mask")
+TAP_KINDS = ("input", "embedding", "norm", "attention", "mlp", "residual", "logits", "generation logits", "mask")
+GENERATION_LOGITS = "gen/step_logits"  # the name generation's per-step logits go by in reports and overrides
 
 # Kinds by tap name (refimpl/taps.py). Order matters: the first matching pattern decides.
 _KIND_PATTERNS = (
@@ -62,6 +71,7 @@ _KIND_PATTERNS = (
     ("attention", r"/attn_out$"),
     ("mlp", r"/(mlp_out|ffw_out)$"),
     ("logits", r"^llm/logits$"),
+    ("generation logits", r"^gen/step_logits$"),
     ("residual", r"/(attn_residual|out)$"),
 )
 
@@ -86,12 +96,12 @@ RULES: dict[str, EnvelopeRule] = {
 # Relative bounds (atol / scale) when a tap has no envelope. Measured maxima of envelope.max_rel (float32) per kind:
 # input 0, embedding 6.8e-7, norm 2.0e-6, attention 9.9e-7, mlp 1.7e-6, residual 6.0e-7, logits 9.3e-7.
 _F32 = {"input": 0.0, "embedding": 6e-6, "norm": 1.6e-5, "attention": 8e-6, "mlp": 1.4e-5, "residual": 5e-6,
-        "logits": 8e-6}
+        "logits": 8e-6, "generation logits": 8e-6}
 # Measured maxima of the bf16 relative error (emulation / keras-hub bf16, against float64):
 # input 1.95e-3 (one rounding), embedding 1.07e-2, norm 4.6e-2, attention 1.7e-2, mlp 2.5e-2, residual 1.6e-2,
 # logits 4.3e-2.
 _BF16 = {"input": 3.9e-3, "embedding": 2.5e-2, "norm": 1e-1, "attention": 3.5e-2, "mlp": 5e-2, "residual": 3.5e-2,
-         "logits": 9e-2}
+         "logits": 9e-2, "generation logits": 9e-2}
 FALLBACK_REL: dict[str, dict[str, float]] = {
     "float32": _F32,
     "float64": {kind: value * 2.0 ** -29 for kind, value in _F32.items()},

@@ -12,7 +12,8 @@ keras' own layers eagerly, in the order the backbone calls them.
         --seed 0 --inputs prefix_padded --batch 2 --text-len 7 --out DIR
 
 A case directory holds the preset files, ``inputs.npz``, ``keras_taps.npz`` and ``keras_provenance.json``.
-Non-goals: writing into ``golden/`` (the caller chooses where cases go), real-size models, generation.
+``keras_generate`` runs keras-hub's greedy ``PaliGemmaCausalLM.generate`` on a backbone and records each step's logits.
+Non-goals: writing into ``golden/`` (the caller chooses where cases go), real-size models.
 
 keras and keras-hub are imported only inside functions (``import_keras``), after setting ``KERAS_BACKEND=jax``
 unless the caller chose a backend, so importing this module never needs them.
@@ -671,6 +672,60 @@ def write_named_case(name: str, out_dir: str | os.PathLike) -> dict:
     case = CASES[name]
     return write_case(out_dir, case.config, variant=case.variant, dtype=case.dtype, seed=case.seed,
                       input_kind=case.input_kind, batch=case.batch, text_len=case.text_len)
+
+
+# ---- generation ----------------------------------------------------------------------------------------------
+def recording_greedy_sampler():
+    """keras-hub's ``GreedySampler`` that also hands every step's logits to Python (``jax.debug.callback``).
+
+    Nothing else changes: keras' compiled ``generate_step``, its while loop, ``call_with_cache`` and the argmax run
+    as usual. The logits arrive in the compute dtype and are kept as float32 (bf16 widens exactly). JAX backend only.
+    """
+    import jax
+    _, keras_hub = import_keras()
+
+    class RecordingGreedySampler(keras_hub.samplers.GreedySampler):
+        def __init__(self):
+            super().__init__()
+            self.logits: list[np.ndarray] = []
+
+        def compute_probabilities(self, logits):
+            jax.debug.callback(self._record, logits, ordered=True)
+            return super().compute_probabilities(logits)
+
+        def _record(self, logits) -> None:
+            self.logits.append(np.asarray(logits).astype(np.float32))
+
+    return RecordingGreedySampler()
+
+
+def keras_generate(backbone, inputs: Mapping[str, np.ndarray], stop_token_ids=None) -> dict[str, np.ndarray]:
+    """Greedy ``PaliGemmaCausalLM(backbone, preprocessor=None).generate(inputs, stop_token_ids=...)`` of keras-hub.
+
+    Args:
+        backbone: a keras-hub PaliGemmaBackbone.
+        inputs: images f32[B, S, S, 3], token_ids int32[B, M] (prompts right-padded to the generation length M),
+            padding_mask bool[B, M] (True on the prompt, bos included).
+        stop_token_ids: None (generate to M) or a list of ids.
+
+    Returns:
+        token_ids int32[B, M] and padding_mask bool[B, M] as keras returns them, and (JAX backend only)
+        step_logits f32[steps, B, V]: the logits the sampler saw at each step, recorded inside keras' compiled loop.
+    """
+    keras, keras_hub = import_keras()
+    lm = keras_hub.models.PaliGemmaCausalLM(backbone=backbone, preprocessor=None)
+    recorder = recording_greedy_sampler() if keras.backend.backend() == "jax" else None
+    lm.compile(sampler=recorder or "greedy")
+    x = {"images": np.asarray(inputs["images"], np.float32), "token_ids": np.asarray(inputs["token_ids"], np.int32),
+         "padding_mask": np.asarray(inputs["padding_mask"], bool)}
+    out = lm.generate(x, stop_token_ids=None if stop_token_ids is None else tuple(int(i) for i in stop_token_ids))
+    result = {"token_ids": np.asarray(out["token_ids"]).astype(np.int32),
+              "padding_mask": np.asarray(out["padding_mask"]).astype(bool)}
+    if recorder is not None:
+        vocabulary = int(backbone.vocabulary_size)
+        result["step_logits"] = (np.stack(recorder.logits) if recorder.logits
+                                 else np.zeros((0, len(result["token_ids"]), vocabulary), np.float32))
+    return result
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------
