@@ -32,13 +32,15 @@ def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
 
     bf16 keeps the top 16 bits of a float32. Adding 0x7FFF plus the lowest kept bit, then truncating, is
     round-to-nearest-even on the bit pattern; overflow carries into the exponent and gives inf, as it should.
+    A NaN becomes the quiet bf16 NaN of its sign (0x7FC0 / 0xFFC0, as ml_dtypes casts it): the addition could
+    carry a NaN into infinity, and keeping it unchanged would leave payload bits below the bf16 mantissa.
     """
     x = np.asarray(x, dtype=np.float32)
     bits = x.view(np.uint32)
     lowest_kept_bit = (bits >> np.uint32(16)) & np.uint32(1)
     rounded = (bits + np.uint32(0x7FFF) + lowest_kept_bit) & np.uint32(0xFFFF0000)
-    out = rounded.view(np.float32)
-    return np.where(np.isnan(x), x, out)
+    quiet_nan = (bits & np.uint32(0x80000000)) | np.uint32(0x7FC00000)
+    return np.where(np.isnan(x), quiet_nan, rounded).view(np.float32)
 
 
 def bfloat16_bits_to_float32(raw: np.ndarray) -> np.ndarray:

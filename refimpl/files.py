@@ -25,8 +25,8 @@ def read_json_limited(path: Path, what: str, limit: int, error: type[Exception] 
     raw = read_bytes_limited(path, what, limit, error)
     try:
         return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as problem:
-        raise error(f"{what}: {path} is not valid JSON ({problem})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as problem:  # ValueError: JSON errors, huge integers
+        raise error(f"{what}: {path} is not valid JSON ({type(problem).__name__}: {problem})") from None
 
 
 def check_serialized_class(document: Any, source: str, class_names: Sequence[str],

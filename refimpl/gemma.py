@@ -109,10 +109,21 @@ def lm_head(hidden: np.ndarray, table: np.ndarray, config: PaliGemmaConfig, poli
     Under both bf16 policies the logits are bf16 (the reader rounds the table for mixed_bfloat16 too).
     """
     rnd = policy.rounding
-    logits = rnd(kernels.matmul(hidden, table.T))
+    logits = rnd(tied_logits(hidden, table, kernels))
     if config.final_logit_soft_cap is not None:
         logits = ops.soft_cap(logits, config.final_logit_soft_cap, rnd)
     return logits
+
+
+def tied_logits(hidden: np.ndarray, table, kernels: Kernels) -> np.ndarray:
+    """hidden f[..., D] @ table f[V, D]^T -> f[..., V]; a table streamed from the file is walked a slab at a time."""
+    if isinstance(table, np.ndarray):
+        return kernels.matmul(hidden, table.T)
+    # ``weights.StreamedTable`` (from_preset(..., stream=True)): only one slab of rows is ever resident.
+    out = np.empty(hidden.shape[:-1] + (table.shape[0],), dtype=hidden.dtype)
+    for rows, slab in table.row_slabs():
+        out[..., rows] = kernels.matmul(hidden, slab.T)
+    return out
 
 
 # ---- cached decoding (keras-hub's call_with_cache; spec section 5.2) ------------------------------------------

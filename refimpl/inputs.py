@@ -80,7 +80,7 @@ def validate_inputs(inputs: Mapping[str, Any], config: PaliGemmaConfig, *,
     if not isinstance(inputs, Mapping):
         raise ValueError(f"inputs: expected a dict with keys {INPUT_KEYS}, found {type(inputs).__name__}")
     missing = [k for k in INPUT_KEYS[:3] if k not in inputs]
-    unknown = sorted(set(inputs) - set(INPUT_KEYS))
+    unknown = sorted(set(inputs) - set(INPUT_KEYS), key=repr)  # keys need not be strings, nor comparable
     if missing or unknown:
         raise ValueError(f"inputs: expected keys {INPUT_KEYS} (response_mask optional); "
                          f"missing {missing}, unknown {unknown}")

@@ -117,11 +117,24 @@ class PaliGemmaBackbone:
 
     @classmethod
     def from_preset(cls, preset: str | Path, load_weights: bool = True, dtype=None, *,
-                    kernels: str | Kernels = "numpy", seed: int = 0) -> "PaliGemmaBackbone":
+                    kernels: str | Kernels = "numpy", seed: int = 0, stream: bool = False,
+                    mmap: bool = False) -> "PaliGemmaBackbone":
         """Load a preset directory, a legacy ``.h5`` file, a built-in preset name, or a kaggle:// / hf:// handle.
 
         ``dtype=None`` gives float32, like keras-hub's ``from_preset`` (it casts saved float weights to the keras
         default policy). Built-in names with ``load_weights=False`` need no files at all.
+
+        ``stream=True`` keeps the weight file open and reads each ViT and decoder block when the forward pass
+        reaches it, and only the gathered rows of the token embedding (the LM head walks it in slabs); see
+        ``refimpl.weights.stream_params``. Outputs and taps equal those of ``stream=False`` bit for bit (LM logits
+        up to BLAS blocking of the slabs); memory is a block instead of the model (float64 on the 3B model: a few
+        GB instead of 23), at the price of re-reading the file every call. Call ``close()`` (or use the model as a
+        context manager) to release the file.
+
+        ``mmap=True`` maps the weights whose stored bytes already are the params array (float32 files in the
+        float32 policy: all but the re-laid-out attention and patch kernels) read-only into memory instead of
+        reading them: loading takes a fraction of a second and only pages that are used become resident (of the
+        token table, the gathered rows). Outputs are unchanged. The file must not be modified in place meanwhile.
         """
         from refimpl import weights  # the reader is only needed when files are read
 
@@ -137,8 +150,31 @@ class PaliGemmaBackbone:
                                         f"({', '.join(presets_lib.PRESETS)}) or a kaggle:// / hf:// handle")
             path = presets_lib.find_local_dir(name)
         config = read_preset_config(path)
-        params = weights.load_params(path, config, policy) if load_weights else None
-        return cls.from_config_object(config, params, dtype=policy, kernels=kernels, seed=seed)
+        if not (stream and load_weights):
+            params = weights.load_params(path, config, policy, mmap=mmap) if load_weights else None
+            return cls.from_config_object(config, params, dtype=policy, kernels=kernels, seed=seed)
+        weight_file = weights.open_weight_file(path)
+        try:
+            model = cls.from_config_object(config, weights.stream_params(weight_file, config, policy, mmap=mmap),
+                                           dtype=policy, kernels=kernels, seed=seed)
+        except BaseException:
+            weight_file.close()
+            raise
+        model._weight_file = weight_file
+        return model
+
+    def close(self) -> None:
+        """Close the weight file a streaming model reads from (``from_preset(..., stream=True)``); else nothing."""
+        weight_file = getattr(self, "_weight_file", None)
+        if weight_file is not None:
+            weight_file.close()
+            self._weight_file = None
+
+    def __enter__(self) -> "PaliGemmaBackbone":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- keras-like accessors ------------------------------------------------------------------------------
     @property
