@@ -19,8 +19,9 @@ from refimpl.model import PaliGemmaBackbone
 from refimpl.weights import StreamedBlocks, StreamedTable, WeightFileError
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"
-# pg1_basic: plain file; pg1_sharded: shards; pg1_bf16: bf16 storage; pg2_mha_caps: post-norms, caps, window.
-CASES = ("pg1_basic", "pg1_sharded", "pg1_bf16", "pg2_mha_caps")
+# pg1_basic: plain file; pg1_sharded: shards; pg1_bf16: bf16 storage; pg1_legacy_h5: keras-2 variable paths;
+# pg2_mha_caps: post-norms, caps, window.
+CASES = ("pg1_basic", "pg1_sharded", "pg1_bf16", "pg1_legacy_h5", "pg2_mha_caps")
 KERNELS = ["numpy", pytest.param("numba", marks=pytest.mark.numba)]
 # LM head in slabs vs one matmul: the same float32 dot products blocked differently by BLAS (measured about 2e-7
 # of the largest logit on the mid-size model); float64 stays far below.
