@@ -44,7 +44,7 @@ from refimpl.dtypes import round_to_bfloat16
 from refimpl.presets import PRESETS
 from refimpl.weights import expected_entries
 from tools.keras_oracle import perturbation_rule
-from tools.write_preset import STORAGES, preset_config_document, vars_names
+from tools.write_preset import STORAGES, config_from_json_file, preset_config_document, vars_names
 
 CHUNK_ELEMENTS = 1 << 21  # values per slab (8 MB as float32); module-level so tests can shrink it
 DISK_MARGIN_BYTES = 256 << 20  # keep this much free beyond the file itself
@@ -184,12 +184,7 @@ def make_preset(directory: str | Path, config: PaliGemmaConfig, *, storage: str 
 def _config_from_args(args) -> PaliGemmaConfig:
     if args.workload:
         return WORKLOADS[args.workload]
-    from refimpl.model import parse_backbone_config
-
-    document = json.loads(Path(args.config).read_text())
-    if "class_name" in document:
-        return parse_backbone_config(document, args.config)
-    return PaliGemmaConfig.from_keras_config(document, source=args.config)
+    return config_from_json_file(args.config)
 
 
 def main(argv=None) -> int:

@@ -157,10 +157,17 @@ def _config_from_args(args) -> PaliGemmaConfig:
     if args.case:
         golden = Path(__file__).resolve().parent.parent / "golden" / args.case / "case.json"
         return PaliGemmaConfig.from_keras_config(json.loads(golden.read_text())["config"], source=str(golden))
-    document = json.loads(Path(args.config).read_text())
+    return config_from_json_file(args.config)
+
+
+def config_from_json_file(path: str) -> PaliGemmaConfig:
+    """A config.json (a serialized keras object) or a bare JSON object of PaliGemmaBackbone arguments."""
+    from refimpl.model import parse_backbone_config
+
+    document = json.loads(Path(path).read_text())
     if "class_name" in document:
-        return parse_backbone_config(document, args.config)
-    return PaliGemmaConfig.from_keras_config(document, source=args.config)
+        return parse_backbone_config(document, path)
+    return PaliGemmaConfig.from_keras_config(document, source=path)
 
 
 def main(argv=None) -> int:
