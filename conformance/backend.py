@@ -36,7 +36,6 @@ port wrote to .npz / HDF5 files), ``KerasHubBackend`` (keras-hub itself, via ``t
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import importlib.util
 import math
@@ -207,27 +206,8 @@ class RefimplBackend:
     def generate(self, inputs: Mapping[str, np.ndarray], max_length: int,
                  stop_token_ids: Sequence[int] | None) -> dict[str, np.ndarray]:
         """Greedy generation (``refimpl_generate``); the length is that of ``inputs["token_ids"]``."""
-        with _single_numba_thread(self.kernels == "numba"):
-            out = refimpl_generate(self.model, inputs, stop_token_ids)
+        out = refimpl_generate(self.model, inputs, stop_token_ids)
         return {key: out[key] for key in ("token_ids", "padding_mask", "step_logits")}
-
-
-@contextlib.contextmanager
-def _single_numba_thread(active: bool):
-    """Run numba kernels on one thread inside the block. A decode step is one token per row, far too little work
-    per kernel call for threads to pay off (on a busy 2-core machine waking them cost 8 ms a call, 200x the work).
-    Results do not depend on the thread count: kernels use prange over independent rows only (style guide 5)."""
-    if not active:
-        yield
-        return
-    import numba
-
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
 
 
 # ---- dumps from an external port -------------------------------------------------------------------------------

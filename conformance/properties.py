@@ -284,7 +284,7 @@ class PropertyRunner:
         if self._references[0] != spec.key:
             params = spec.params()
             models = {"float32": PaliGemmaBackbone.from_config_object(spec.config, params, dtype="float32"),
-                      "float64": PaliGemmaBackbone.from_config_object(spec.config, _as_float64(params),
+                      "float64": PaliGemmaBackbone.from_config_object(spec.config, params.astype(np.float64),
                                                                       dtype="float64")}
             if self.format == "bfloat16":  # the reader rounds the weights for the bf16 policy
                 models["bfloat16"] = PaliGemmaBackbone.from_preset(self.case(spec).preset, dtype="bfloat16")
@@ -294,18 +294,6 @@ class PropertyRunner:
     def unchanged_atol(self, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> float:
         """Two outputs of one backend count as equal within twice the bound each may be off the reference."""
         return 2 * self.reference(spec, inputs)[1].atol
-
-
-def _as_float64(tree):
-    """A params dataclass tree with every array widened to float64 (same values)."""
-    if isinstance(tree, np.ndarray):
-        return tree.astype(np.float64)
-    if isinstance(tree, tuple):
-        return tuple(_as_float64(item) for item in tree)
-    if dataclasses.is_dataclass(tree):
-        fields = dataclasses.fields(tree)
-        return dataclasses.replace(tree, **{f.name: _as_float64(getattr(tree, f.name)) for f in fields})
-    return tree
 
 
 # ---- comparisons -----------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def configs(draw, size: str = "tiny", **fixed: Any) -> PaliGemmaConfig:
     blocks, vocabulary 5-40. (A LayerNorm over one feature is degenerate: keras' formula then cancels
     catastrophically in float32, so ViT widths start at 2.)
     size "small": as tiny but with the widths the tolerance table was calibrated on (ViT heads of 4-8, decoder
-    width 16-40, FFN 6-20, head dim 4-10): comparisons against float32 envelopes need enough elements per tap
+    width 16-40, FFN 6-20, head dim 4-10, vocabulary 64-100): comparisons against float32 envelopes need enough elements per tap
     for the envelope (a max over the tap) to be a stable measure of the error.
     PaliGemma 2 options (post-norms, soft-caps, sliding window of 1-16) are drawn independently.
     ``include_rescaling`` is False unless fixed (images then lie in [-1, 1]).
@@ -55,7 +55,7 @@ def configs(draw, size: str = "tiny", **fixed: Any) -> PaliGemmaConfig:
     vit_heads, kv_heads, group = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
     window = draw(st.booleans())
     fields = dict(
-        vocabulary_size=draw(st.integers(5, 40)), image_size=patch * per_side, num_layers=draw(st.integers(1, 3)),
+        vocabulary_size=draw(st.integers(64, 100) if small else st.integers(5, 40)), image_size=patch * per_side, num_layers=draw(st.integers(1, 3)),
         num_query_heads=kv_heads * group, num_key_value_heads=kv_heads,
         hidden_dim=draw(st.integers(16, 40) if small else st.integers(3, 24)),
         intermediate_dim=2 * draw(st.integers(6, 20) if small else st.integers(1, 12)),

@@ -15,7 +15,7 @@ Arrays are float32 or float64 (the compute dtype). Under the bf16 policies they 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -29,6 +29,18 @@ class _Arrays:
             value = getattr(self, field.name)
             if isinstance(value, np.ndarray):
                 yield field.name, value
+
+    def astype(self, dtype):
+        """A copy of this tree with every array converted to ``dtype`` (float32 weights widened to float64 keep
+        their values exactly: only the arithmetic done with them changes)."""
+        def convert(value):
+            if isinstance(value, (np.ndarray, _Arrays)):
+                return value.astype(dtype)
+            if isinstance(value, (tuple, list)):
+                return tuple(convert(item) for item in value)
+            return value
+
+        return replace(self, **{field.name: convert(getattr(self, field.name)) for field in fields(self)})
 
     @property
     def nbytes(self) -> int:

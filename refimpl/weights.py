@@ -436,6 +436,19 @@ class WeightFile:
                              f"(shape {info.shape}, {info.dtype}): {error}; the file is truncated or corrupt") from None
 
 
+def read_stored_variable(preset, config: PaliGemmaConfig, field: str) -> np.ndarray:
+    """The Keras variable behind the params field ``field`` (e.g. ``"blocks[1].wq"``), as float32 in its stored
+    shape (before any re-layout): what a port's weight converter starts from."""
+    with open_weight_file(preset) as weights:
+        matches = [e for e in expected_entries(config, weights.naming).values() if e.field == field]
+        if not matches:
+            raise ValueError(f"field={field!r} names no weight of this config; expected a params field such as "
+                             "'blocks[0].wq' or 'vit.patch_kernel'")
+        out = np.empty(matches[0].shape, dtype=np.float32)
+        weights.read_into(matches[0].key, out)
+    return out
+
+
 def open_weight_file(path) -> WeightFile:
     """Open a preset directory, ``.weights.h5``, sharded ``.weights.json`` or legacy ``.h5`` and list its entries.
 

@@ -316,14 +316,14 @@ def test_input_layouts_compile_no_new_signatures():
     cores = sys.modules["refimpl.kernels.numba_kernels"]
     NUMBA_KERNELS.rms_norm(X, _rand(D), 1e-6)
     NUMBA_KERNELS.attention(Q, K, V, MASK)
-    before = (len(cores._rms_norm_rows.signatures), len(cores._attention_heads.signatures))
+    before = (len(cores._rms_norm_rows.signatures), len(cores._normalise_rows.signatures))
     read_only = X.copy()
     read_only.flags.writeable = False
     for x in (read_only, np.asfortranarray(X), X[:, ::2]):
         NUMBA_KERNELS.rms_norm(x, _rand(D), 1e-6)
     for mask in (None, MASK[0], np.broadcast_to(MASK, MASK.shape), MASK.astype(np.int8)):
         NUMBA_KERNELS.attention(Q, K, V, mask)
-    assert (len(cores._rms_norm_rows.signatures), len(cores._attention_heads.signatures)) == before
+    assert (len(cores._rms_norm_rows.signatures), len(cores._normalise_rows.signatures)) == before
 
 
 def test_fully_masked_rows_give_zeros():

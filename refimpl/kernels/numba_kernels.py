@@ -7,18 +7,24 @@ aligned and writeable (a copy only when they are not, so each core compiles exac
 calls an ``@njit`` core. Anything else goes to the spec function unchanged, so this set never fails, or fails
 differently, where the NumPy set would not.
 
+Threads: the cores are single-threaded on purpose. Every matrix product, the two inside attention included, is one
+numpy BLAS call, and BLAS already runs on all cores; a numba thread pool beside it competed with BLAS's own
+threads (measured on 2 cores, mid-size model: the BLAS calls of a forward pass took 0.69 s instead of 0.53 s
+while numba's OpenMP workers spun between parallel regions). What is left for the cores is memory-bound passes over rows,
+which one thread does in a few milliseconds per call at PaliGemma sizes.
+
 Determinism (style.md section 5), kept by every core:
 - fastmath is off: no reassociation and no FMA contraction, so results do not move between builds;
-- ``prange`` runs only over independent rows, tokens or (batch, head) pairs; every reduction runs inside one
-  worker, sequentially in index order;
+- every reduction runs in one fixed order (``_sum``'s eight interleaved lanes, or index order);
 - no module globals in the cores: eps and constants arrive as arguments, and 0, 1, 0.5 are made with
   ``x.dtype.type`` so that float32 arithmetic stays float32 (a bare literal would promote it to float64 in numba,
   whereas numpy treats Python scalars as weak);
 - ``cache=True`` is safe because every helper a core calls lives in this file.
 
-What still differs from the spec is the order of additions inside sums (sequential here; numpy's pairwise sums and
-BLAS blocking there) and, in attention, libm's exp and tanh against numpy's SIMD ones. rope and gelu_tanh equal the
-spec bit for bit. ``tests/test_kernel_parity.py`` bounds the rest.
+What still differs from the spec is the order of additions inside sums (eight lanes here; numpy's pairwise sums
+there): in the norms and the softmax denominators. Elementwise transcendentals (tanh, exp) are numpy's own, called
+between compiled passes, so rope and gelu_tanh equal the spec bit for bit, and attention differs from it only by
+the softmax sums. ``tests/test_kernel_parity.py`` bounds the rest.
 
 Nothing compiles at import: each core compiles on its first call for a dtype and is cached on disk (numba writes
 ``__pycache__`` beside this file, or under NUMBA_CACHE_DIR), so later processes load it. Debug a core through its
@@ -30,7 +36,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from refimpl import attention as spec_attention
 from refimpl import ops
@@ -69,21 +75,62 @@ def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ norms
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
+def _sum(row):  # f[D] -> f scalar
+    """The sum of row in eight interleaved partial sums (lane i adds elements i, i+8, i+16, ...), combined
+    pairwise, then the leftover tail in order. A fixed order, so a deterministic result; eight independent
+    chains of additions run about eight times faster than one (an addition's latency, not its cost, is the
+    limit of a sequential sum)."""
+    zero = row.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    full = row.shape[0] - row.shape[0] % 8
+    for j in range(0, full, 8):
+        s0 += row[j]
+        s1 += row[j + 1]
+        s2 += row[j + 2]
+        s3 += row[j + 3]
+        s4 += row[j + 4]
+        s5 += row[j + 5]
+        s6 += row[j + 6]
+        s7 += row[j + 7]
+    tail = zero
+    for j in range(full, row.shape[0]):
+        tail += row[j]
+    return (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) + tail
+
+
+@njit(cache=True)
+def _sum_squared_deviations(row, centre):  # f[D], f scalar -> f scalar: sum((row - centre)^2), lanes as _sum
+    zero = row.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    full = row.shape[0] - row.shape[0] % 8
+    for j in range(0, full, 8):
+        d0, d1, d2, d3 = row[j] - centre, row[j + 1] - centre, row[j + 2] - centre, row[j + 3] - centre
+        d4, d5, d6, d7 = row[j + 4] - centre, row[j + 5] - centre, row[j + 6] - centre, row[j + 7] - centre
+        s0 += d0 * d0
+        s1 += d1 * d1
+        s2 += d2 * d2
+        s3 += d3 * d3
+        s4 += d4 * d4
+        s5 += d5 * d5
+        s6 += d6 * d6
+        s7 += d7 * d7
+    tail = zero
+    for j in range(full, row.shape[0]):
+        d = row[j] - centre
+        tail += d * d
+    return (((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))) + tail
+
+
+@njit(cache=True)
 def _layer_norm_rows(x, gamma, beta, eps, out):  # f[R, D], f[D], f[D], f scalar -> fills out f[R, D]
     rows, width = x.shape
     count = x.dtype.type(width)
     one = x.dtype.type(1)
-    for r in prange(rows):  # rows are independent; each row's sums run sequentially in this worker
-        total = x.dtype.type(0)
-        for j in range(width):
-            total += x[r, j]
-        mean = total / count
-        squares = x.dtype.type(0)  # population variance as the mean of squared deviations, like the spec
-        for j in range(width):
-            deviation = x[r, j] - mean
-            squares += deviation * deviation
-        rstd = one / np.sqrt(squares / count + eps)
+    for r in range(rows):
+        mean = _sum(x[r]) / count
+        # population variance as the mean of squared deviations, like the spec
+        rstd = one / np.sqrt(_sum_squared_deviations(x[r], mean) / count + eps)
         for j in range(width):  # keras' order: inv = rstd*gamma; x*inv + (beta - mean*inv)
             inv = rstd * gamma[j]
             out[r, j] = x[r, j] * inv + (beta[j] - mean * inv)
@@ -99,16 +146,14 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     return out.reshape(x.shape)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _rms_norm_rows(x, scale, eps, out):  # f[R, D], f[D], f scalar -> fills out f[R, D]
     rows, width = x.shape
     count = x.dtype.type(width)
     one = x.dtype.type(1)
-    for r in prange(rows):  # rows are independent; each row's sum runs sequentially in this worker
-        squares = x.dtype.type(0)
-        for j in range(width):
-            squares += x[r, j] * x[r, j]
-        rstd = one / np.sqrt(squares / count + eps)
+    zero = x.dtype.type(0)
+    for r in range(rows):
+        rstd = one / np.sqrt(_sum_squared_deviations(x[r], zero) / count + eps)  # (x - 0)^2 is x*x exactly
         for j in range(width):  # the spec's order: (x * rstd) * (1 + scale)
             out[r, j] = (x[r, j] * rstd) * (one + scale[j])
 
@@ -126,25 +171,25 @@ def rms_norm(x: np.ndarray, scale: np.ndarray, eps: float) -> np.ndarray:
 # -------------------------------------------------------------------------------------------- elementwise
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _gelu_tanh_argument(x, c, cubic, out):  # f[E], f scalars sqrt(2/pi) and 0.044715 -> fills out f[E]
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         v = x[i]  # the spec's order: c * (x + k * ((x*x)*x))
         out[i] = c * (v + cubic * ((v * v) * v))
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _gelu_tanh_finish(x, tanh, out):  # f[E], f[E] -> fills out f[E]; out may be tanh itself
     half = x.dtype.type(0.5)
     one = x.dtype.type(1)
-    for i in prange(x.shape[0]):
+    for i in range(x.shape[0]):
         out[i] = x[i] * (half * (one + tanh[i]))  # the spec's order: x * (0.5 * (1 + tanh))
 
 
 def gelu_tanh(x: np.ndarray, rnd=identity) -> np.ndarray:
     """Twin of ``ops.gelu_tanh``: elementwise GELU, tanh approximation, over any shape; equal to the spec bit for bit.
 
-    Two fused parallel passes around numpy's own tanh, run in place. numpy's tanh is SIMD and about 4x faster
+    Two fused passes around numpy's own tanh, run in place. numpy's tanh is SIMD and about 4x faster
     than the scalar libm tanh a numba loop calls (which also differs from it by up to 3 ulps in float32), and
     everything else repeats the spec's operations in its order and dtype, so the result is the spec's exactly.
     """
@@ -159,13 +204,13 @@ def gelu_tanh(x: np.ndarray, rnd=identity) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _rope_rows(x, cos, sin, out):  # f[B, T, heads, H], f[T, H], f[T, H] -> fills out f[B, T, heads, H]
     batch, length, heads, width = x.shape
     half = width // 2
     # The rotated vector is concat(-x[half:], x[:half]): its first `tail` entries are negated upper-half ones.
     tail = width - half
-    for bt in prange(batch * length):  # (batch, token) pairs are independent
+    for bt in range(batch * length):  # (batch, token) pairs are independent
         t = bt % length
         rows, dest = x[bt // length, t], out[bt // length, t]  # f[heads, H]
         c, s = cos[t], sin[t]  # f[H]
@@ -190,130 +235,42 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rnd=identity) -> np.nd
 
 
 @njit(cache=True)
-def _score_rows(q_rows, keys, scores):  # f[R, H], f[H, S] -> fills scores f[R, S]
-    """scores[r, s] = q_rows[r, 0]*keys[0, s] + q_rows[r, 1]*keys[1, s] + ..., added in that order.
-
-    The inner loops run over keys s, which are independent, so they vectorise without reassociating any sum.
-    Four rows at a time share each load of keys[h, s] (about twice as fast); the numbers do not depend on it.
-    """
-    rows, head_dim = q_rows.shape
-    kv_len = keys.shape[1]
+def _mask_and_shift_rows(scores, mask, has_mask, masked_logit):  # f[R, S], bool[R, S]; in place
+    """The first half of ``ops.masked_softmax``, per row: masked logits -> masked_logit, then minus the row's max."""
+    rows, length = scores.shape
     for r in range(rows):
-        for s in range(kv_len):
-            scores[r, s] = scores.dtype.type(0)
-    r = 0
-    while r + 4 <= rows:
-        for h in range(head_dim):
-            q0, q1, q2, q3 = q_rows[r, h], q_rows[r + 1, h], q_rows[r + 2, h], q_rows[r + 3, h]
-            for s in range(kv_len):
-                key = keys[h, s]
-                scores[r, s] += q0 * key
-                scores[r + 1, s] += q1 * key
-                scores[r + 2, s] += q2 * key
-                scores[r + 3, s] += q3 * key
-        r += 4
-    for last in range(r, rows):
-        for h in range(head_dim):
-            qh = q_rows[last, h]
-            for s in range(kv_len):
-                scores[last, s] += qh * keys[h, s]
+        row = scores[r]
+        if has_mask:
+            for s in range(length):
+                if not mask[r, s]:
+                    row[s] = masked_logit
+        largest = row[0]
+        for s in range(1, length):
+            largest = max(largest, row[s])
+        for s in range(length):
+            row[s] = row[s] - largest
 
 
 @njit(cache=True)
-def _weighted_rows(probs, values, out):  # f[R, S], f[S, Hv] -> fills out f[R, Hv]
-    """out[r, :] = probs[r, 0]*values[0, :] + probs[r, 1]*values[1, :] + ..., added in that order.
-
-    Same scheme as ``_score_rows``: independent output features inside, four rows sharing each values load.
-    """
-    rows, kv_len = probs.shape
-    v_dim = values.shape[1]
+def _normalise_rows(weights, mask, has_mask):  # f[R, S] exponentials, bool[R, S]; in place
+    """The second half: divide each row by its sum (``_sum``), then masked outputs -> exactly 0, so a fully
+    masked row gives zeros."""
+    rows, length = weights.shape
+    zero = weights.dtype.type(0)
     for r in range(rows):
-        for h in range(v_dim):
-            out[r, h] = out.dtype.type(0)
-    r = 0
-    while r + 4 <= rows:
-        for s in range(kv_len):
-            p0, p1, p2, p3 = probs[r, s], probs[r + 1, s], probs[r + 2, s], probs[r + 3, s]
-            for h in range(v_dim):
-                value = values[s, h]
-                out[r, h] += p0 * value
-                out[r + 1, h] += p1 * value
-                out[r + 2, h] += p2 * value
-                out[r + 3, h] += p3 * value
-        r += 4
-    for last in range(r, rows):
-        for s in range(kv_len):
-            p = probs[last, s]
-            for h in range(v_dim):
-                out[last, h] += p * values[s, h]
-
-
-@njit(cache=True)
-def _scale_and_cap_row(scores, divisor, has_divisor, cap, has_cap):  # f[S], in place
-    """The spec's optional steps between the score matmul and the softmax: scores/divisor, then cap*tanh(x/cap)."""
-    if has_divisor:
-        for s in range(scores.shape[0]):
-            scores[s] = scores[s] / divisor
-    if has_cap:
-        for s in range(scores.shape[0]):
-            scores[s] = np.tanh(scores[s] / cap) * cap
-
-
-@njit(cache=True)
-def _masked_softmax_row(logits, mask_row, has_mask, masked_logit, probs):  # f[S], bool[S] -> fills probs f[S]
-    """One row of ``ops.masked_softmax``: masked logits -> masked_logit, shift by the max, exp, normalise, then
-    masked outputs -> 0, so a fully masked row gives zeros. ``logits`` is overwritten."""
-    length = logits.shape[0]
-    if has_mask:
+        row = weights[r]
+        total = _sum(row)
         for s in range(length):
-            if not mask_row[s]:
-                logits[s] = masked_logit
-    largest = logits[0]
-    for s in range(1, length):
-        largest = max(largest, logits[s])
-    total = logits.dtype.type(0)
-    for s in range(length):
-        probs[s] = np.exp(logits[s] - largest)
-        total += probs[s]
-    for s in range(length):
-        probs[s] = probs[s] / total
-    if has_mask:
-        for s in range(length):
-            if not mask_row[s]:
-                probs[s] = logits.dtype.type(0)
+            row[s] = row[s] / total
+        if has_mask:
+            for s in range(length):
+                if not mask[r, s]:
+                    row[s] = zero
 
 
-@njit(parallel=True, cache=True)
-def _attention_heads(q, k, v, mask, has_mask, divisor, has_divisor, cap, has_cap, masked_logit, block, out):
-    """f[B, T, N, H], f[B, S, K, H], f[B, S, K, Hv], bool[B, T, S] -> fills out f[B, T, N, Hv].
-
-    One task per (batch, query head) pair. A task copies its kv head's keys transposed, f[H, S], and values,
-    f[S, Hv], then walks the queries ``block`` rows at a time, so a worker never holds more than a block's rows
-    of scores, whatever T is.
-    """
-    batch, q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[3]
-    group = num_heads // num_kv_heads
-    for task in prange(batch * num_heads):  # (batch, query head) pairs are independent
-        b = task // num_heads
-        n = task % num_heads
-        kv = n // group  # consecutive query heads share one kv head
-        keys = np.ascontiguousarray(k[b, :, kv, :].T)  # f[H, S]
-        values = np.ascontiguousarray(v[b, :, kv, :])  # f[S, Hv]
-        for start in range(0, q_len, block):
-            rows = min(block, q_len - start)
-            q_rows = np.ascontiguousarray(q[b, start:start + rows, n, :])  # f[R, H]
-            scores = np.empty((rows, kv_len), dtype=q.dtype)
-            _score_rows(q_rows, keys, scores)
-            probs = np.empty((rows, kv_len), dtype=q.dtype)
-            for r in range(rows):
-                _scale_and_cap_row(scores[r], divisor, has_divisor, cap, has_cap)
-                _masked_softmax_row(scores[r], mask[b, start + r], has_mask, masked_logit, probs[r])
-            out_rows = np.empty((rows, v_dim), dtype=q.dtype)
-            _weighted_rows(probs, values, out_rows)
-            for r in range(rows):
-                for h in range(v_dim):
-                    out[b, start + r, n, h] = out_rows[r, h]
+# Query rows per block: a block's scores, f[rows, S], are all that exists of a head's score matrix at one time
+# (256 x 4352 x 4 B = 4.5 MB for the 896-px model), and 256 rows keep the two matmuls at BLAS speed.
+ATTENTION_BLOCK_ROWS = 256
 
 
 def _attention_supported(q, k, v, rnd) -> bool:
@@ -347,6 +304,12 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
     Args and Returns as the spec: q f[B, T, N, H], k f[B, S, K, H], v f[B, S, K, Hv], mask bool[B, T, S] (or
     broadcastable to it) or None -> f[B, T, N, Hv]. A non-identity ``rnd`` (bf16 emulation) goes to the spec;
     without rounding, ``softmax_in_float32`` changes nothing (the arrays already are float32 or float64).
+
+    Per (batch row, query head) and per block of ``ATTENTION_BLOCK_ROWS`` queries: the scores are one BLAS
+    matmul with the head's kv keys, the compiled core turns them into probabilities in place, and a second BLAS
+    matmul weights the values. In between, the spec's softmax steps: the divisor, soft-cap and exp are numpy's
+    (SIMD, bit for bit the spec's), the masking, max shift, sum and division are two compiled passes per row.
+    The loops are Python's: at most B x N x ceil(T / 256) turns, microseconds each against milliseconds of work.
     """
     core_mask = None
     if _attention_supported(q, k, v, rnd):
@@ -355,12 +318,26 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | No
         return spec_attention.attention(q, k, v, mask, score_divisor=score_divisor,
                                         logit_soft_cap=logit_soft_cap, softmax_in_float32=softmax_in_float32,
                                         rnd=rnd)
-    dtype = q.dtype.type
+    batch, q_len, num_heads, _ = q.shape
+    group = num_heads // k.shape[2]
+    divisor = None if score_divisor is None else q.dtype.type(score_divisor)
+    cap = None if logit_soft_cap is None else q.dtype.type(logit_soft_cap)
+    masked_logit = q.dtype.type(ops.MASKED_LOGIT)
     out = np.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype)
-    # Query rows per block: enough to amortise the block's set-up, few enough to keep scores in cache.
-    block = 32
-    _attention_heads(_c(q), _c(k), _c(v), core_mask,
-                     mask is not None, dtype(1 if score_divisor is None else score_divisor),
-                     score_divisor is not None, dtype(1 if logit_soft_cap is None else logit_soft_cap),
-                     logit_soft_cap is not None, dtype(ops.MASKED_LOGIT), block, out)
+    for b in range(batch):
+        for n in range(num_heads):
+            keys_t, values = k[b, :, n // group, :].T, v[b, :, n // group, :]  # f[H, S], f[S, Hv] (views)
+            for start in range(0, q_len, ATTENTION_BLOCK_ROWS):
+                stop = min(start + ATTENTION_BLOCK_ROWS, q_len)
+                block_mask = core_mask[b, start:stop] if mask is not None else core_mask[0]  # bool[R, S]
+                scores = np.matmul(q[b, start:stop, n, :], keys_t)  # f[R, S], a new C-contiguous array
+                # The spec's steps, in its order and dtype, in place; numpy's SIMD exp and tanh, as in the spec.
+                if divisor is not None:
+                    np.divide(scores, divisor, out=scores)
+                if cap is not None:
+                    np.multiply(np.tanh(np.divide(scores, cap, out=scores), out=scores), cap, out=scores)
+                _mask_and_shift_rows(scores, block_mask, mask is not None, masked_logit)
+                np.exp(scores, out=scores)
+                _normalise_rows(scores, block_mask, mask is not None)
+                out[b, start:stop, n, :] = np.matmul(scores, values)
     return out

@@ -3,7 +3,7 @@
 Not in the default run: ``python -m pytest -m bench tests/bench/test_kernel_bench.py``. Every timed call is first
 checked against the spec with the parity bound of ``tests/test_kernel_parity.py``. Throughput goes into
 ``extra_info`` (GB/s moved through memory, GFLOP/s for matmul and attention); ``--benchmark-json`` keeps it.
-Thread counts matter: numba uses NUMBA_NUM_THREADS (all cores by default), numpy's BLAS OPENBLAS_NUM_THREADS.
+Thread counts matter: the numba cores are single-threaded; numpy's BLAS (every matmul) follows OPENBLAS_NUM_THREADS.
 """
 
 from __future__ import annotations

@@ -17,13 +17,12 @@ import pytest
 
 from conformance import hf_backend
 from conformance.backend import BACKENDS, BackendUnavailable, make_backend
-from conformance.cases import load_case
 from conformance.harness import CheckOptions, check_case
 from conformance.hf_backend import (HFConversionError, hf_config_dict, hf_inputs, hf_state_dict, text_family,
                                     window_affected_taps, window_divergence)
 from refimpl.config import PaliGemmaConfig
 from refimpl.dtypes import Policy
-from refimpl.weights import expected_entries, load_params, open_weight_file
+from refimpl.weights import load_params, read_stored_variable
 
 pytestmark = pytest.mark.conformance
 
@@ -33,21 +32,8 @@ needs_golden = pytest.mark.skipif(not (GOLDEN / "MANIFEST.json").is_file(),
 needs_torch = pytest.mark.skipif(not hf_backend.transformers_available(), reason="transformers/torch not installed")
 
 
-@pytest.fixture(scope="module")
-def cases():
-    if not (GOLDEN / "MANIFEST.json").is_file():
-        pytest.skip("golden/ cases not present (run python -m tools.make_goldens)")
-    return {name: load_case(GOLDEN, name) for name in ("pg1_basic", "pg2_window", "pg2_mha_caps")}
-
-
 def raw_keras(case, field: str) -> np.ndarray:
-    """The Keras variable behind params field ``field`` (e.g. "blocks[1].wq"), in its stored layout."""
-    config = case.parsed_config
-    with open_weight_file(case.preset) as weights:
-        entry = next(e for e in expected_entries(config, weights.naming).values() if e.field == field)
-        out = np.empty(entry.shape, dtype=np.float32)
-        weights.read_into(entry.key, out)
-    return out
+    return read_stored_variable(case.preset, case.parsed_config, field)
 
 
 # ---- config ----------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from refimpl.config import PaliGemmaConfig
 from refimpl.inputs import validate_inputs
 from refimpl.model import PaliGemmaBackbone
 
-pytestmark = pytest.mark.property
+pytestmark = [pytest.mark.hardening, pytest.mark.property]
 
 CONFIG = PaliGemmaConfig(vocabulary_size=11, image_size=4, num_layers=1, num_query_heads=2, num_key_value_heads=1,
                          hidden_dim=6, intermediate_dim=4, head_dim=2, vit_patch_size=2, vit_num_heads=1,

@@ -15,7 +15,7 @@ import pytest
 
 from tools.fuzz_presets import GOLDEN, HANDLED, draw_mutations, golden_cases, run_campaign
 
-pytestmark = pytest.mark.property
+pytestmark = [pytest.mark.hardening, pytest.mark.property]
 
 
 def test_every_mutation_of_the_golden_presets_is_handled():

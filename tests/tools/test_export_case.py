@@ -16,20 +16,12 @@ import numpy as np
 import pytest
 
 from conformance import hf_backend
-from conformance.cases import load_case
 from refimpl.dtypes import Policy
-from refimpl.weights import expected_entries, load_params, open_weight_file
+from refimpl.weights import load_params, read_stored_variable
 from tools import export_case as ex
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 needs_torch = pytest.mark.skipif(not hf_backend.transformers_available(), reason="transformers/torch not installed")
-
-
-@pytest.fixture(scope="module")
-def cases():
-    if not (GOLDEN / "MANIFEST.json").is_file():
-        pytest.skip("golden/ cases not present (run python -m tools.make_goldens)")
-    return {name: load_case(GOLDEN, name) for name in ("pg1_basic", "pg2_window", "pg2_mha_caps")}
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +156,7 @@ def test_big_vision_names_and_shapes(exported, cases, name, qkv):
 
 
 def raw_keras(case, field: str) -> np.ndarray:
-    config = case.parsed_config
-    with open_weight_file(case.preset) as weights:
-        entry = next(e for e in expected_entries(config, weights.naming).values() if e.field == field)
-        out = np.empty(entry.shape, dtype=np.float32)
-        weights.read_into(entry.key, out)
-    return out
+    return read_stored_variable(case.preset, case.parsed_config, field)
 
 
 def test_big_vision_values_against_raw_keras(cases):

@@ -27,7 +27,7 @@ from refimpl.config import PaliGemmaConfig, count_params
 from refimpl.dtypes import Policy, round_to_bfloat16
 from refimpl.weights import (LAYOUT_KERAS3, LAYOUT_KERAS213, LAYOUT_LEGACY, LAYOUT_SHARDED, SCHEMA, WeightFileError,
                              check_weight_file, expected_entries, iter_decoder_blocks, keras_name_suffix, load_params,
-                             open_weight_file, rounds_to_bfloat16)
+                             open_weight_file, read_stored_variable, rounds_to_bfloat16)
 
 PG1 = dict(vocabulary_size=97, image_size=28, vit_patch_size=7, vit_hidden_dim=24, vit_num_heads=3, vit_num_layers=2,
            vit_intermediate_dim=37, num_layers=3, num_query_heads=4, num_key_value_heads=1, hidden_dim=40,
@@ -668,3 +668,16 @@ def test_check_weight_file_reads_no_data(weights_file, monkeypatch):
 
 if __name__ == "__main__":
     make_keras_files(Path(sys.argv[1]))
+
+
+def test_read_stored_variable_gives_the_keras_layout(cases):
+    """The query kernel as keras stores it, f[N, D, H], equals refimpl's re-laid-out wq f[D, N*H]; an unknown field
+    is an error that names it."""
+    case = cases["pg1_basic"]
+    config = case.parsed_config
+    stored = read_stored_variable(case.preset, config, "blocks[1].wq")
+    assert stored.shape == (config.num_query_heads, config.hidden_dim, config.head_dim)
+    params = load_params(case.preset, config, Policy("float32"))
+    np.testing.assert_array_equal(stored.transpose(1, 0, 2).reshape(config.hidden_dim, -1), params.blocks[1].wq)
+    with pytest.raises(ValueError, match=r"field='blocks\[9\]\.wq' names no weight"):
+        read_stored_variable(case.preset, config, "blocks[9].wq")
