@@ -80,10 +80,12 @@ class PaliGemmaCausalLM:
 
     @classmethod
     def from_preset(cls, preset: str | Path, *, load_weights: bool = True, dtype=None, kernels="numpy",
-                    preprocessor: bool = True) -> "PaliGemmaCausalLM":
+                    preprocessor: bool = True, stream: bool = False, mmap: bool = False) -> "PaliGemmaCausalLM":
         """Backbone from ``config.json`` + weights; preprocessor (tokenizer, image converter) where the preset has
-        ``tokenizer.json``. ``dtype=None`` gives float32, as keras-hub's ``from_preset``."""
-        backbone = PaliGemmaBackbone.from_preset(preset, load_weights=load_weights, dtype=dtype, kernels=kernels)
+        ``tokenizer.json``. ``dtype=None`` gives float32, as keras-hub's ``from_preset``. ``stream`` and ``mmap``
+        are those of ``PaliGemmaBackbone.from_preset`` (generation gives the same tokens with either)."""
+        backbone = PaliGemmaBackbone.from_preset(preset, load_weights=load_weights, dtype=dtype, kernels=kernels,
+                                                 stream=stream, mmap=mmap)
         directory = Path(preset)
         if not directory.exists() and str(preset) in presets_lib.PRESETS:
             directory = presets_lib.find_local_dir(str(preset))

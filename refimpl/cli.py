@@ -19,6 +19,7 @@ import numpy as np
 
 from refimpl import generate_cli
 from refimpl.dtypes import POLICY_NAMES
+from refimpl.model import WEIGHT_MODES
 
 
 def _info(args) -> int:
@@ -57,7 +58,8 @@ def _info(args) -> int:
 def _forward(args) -> int:
     from refimpl.model import PaliGemmaBackbone
 
-    model = PaliGemmaBackbone.from_preset(args.preset, dtype=args.dtype, kernels=args.kernels)
+    model = PaliGemmaBackbone.from_preset(args.preset, dtype=args.dtype, kernels=args.kernels,
+                                          **WEIGHT_MODES[args.weights])
     with np.load(args.inputs, allow_pickle=False) as data:
         inputs = {key: data[key] for key in data.files}
     out, taps = model.call_with_taps(inputs, taps=args.taps, check_image_range=not args.no_range_check)
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--out", required=True, help="output .npz: llm/final_norm plus the selected taps")
     forward.add_argument("--dtype", default="float32", choices=POLICY_NAMES)
     forward.add_argument("--kernels", default="numpy", choices=("numpy", "numba"))
+    forward.add_argument("--weights", default="read", choices=tuple(WEIGHT_MODES),
+                         help="hold the weights in memory (read), mapped from the file, or streamed per block")
     forward.add_argument("--taps", default=None, help="regex of tap names to save (default: none)")
     forward.add_argument("--no-range-check", action="store_true", help="accept images outside the expected range")
     commands.add_parser("check", help="conformance check against the golden cases", add_help=False)

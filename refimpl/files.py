@@ -8,16 +8,23 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 
-def read_bytes_limited(path: Path, what: str, limit: int, error: type[Exception] = ValueError) -> bytes:
-    """The bytes of ``path``; FileNotFoundError if it is missing, ``error`` if it is over ``limit`` bytes (checked
-    before reading). Messages name ``what`` and the path."""
+def check_file_size(path: Path, what: str, limit: int, error: type[Exception] = ValueError,
+                    missing: type[Exception] = FileNotFoundError) -> int:
+    """The size of ``path`` in bytes, before anything is read: ``missing`` if it is no file, ``error`` if it is
+    over ``limit`` bytes. Messages name ``what`` and the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: file {path} not found")
+        raise missing(f"{what}: file {path} not found")
     size = path.stat().st_size
     if size > limit:
         raise error(f"{what}: {path} is {size} bytes; expected at most {limit}")
-    return path.read_bytes()
+    return size
+
+
+def read_bytes_limited(path: Path, what: str, limit: int, error: type[Exception] = ValueError) -> bytes:
+    """The bytes of ``path``, after ``check_file_size``."""
+    check_file_size(path, what, limit, error)
+    return Path(path).read_bytes()
 
 
 def read_json_limited(path: Path, what: str, limit: int, error: type[Exception] = ValueError) -> Any:

@@ -20,6 +20,7 @@ import json
 import sys
 
 from refimpl.dtypes import POLICY_NAMES
+from refimpl.model import WEIGHT_MODES
 from refimpl.samplers import SAMPLER_NAMES
 
 
@@ -39,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.1, help="p of top_p")
     parser.add_argument("--dtype", default="float32", choices=POLICY_NAMES)
     parser.add_argument("--kernels", default="numpy", choices=("numpy", "numba"))
+    parser.add_argument("--weights", default="read", choices=tuple(WEIGHT_MODES),
+                        help="hold the weights in memory (read), mapped from the file, or streamed per block")
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence at every step")
     parser.add_argument("--strip-prompt", action="store_true", help="print only the generated text")
     parser.add_argument("--no-newline", action="store_true", help='do not append "\\n" to the prompt')
@@ -69,7 +72,8 @@ def run(args) -> int:
     try:
         sampler = sampler_from_args(args)
         image = read_image(args.image)
-        lm = PaliGemmaCausalLM.from_preset(args.preset, dtype=args.dtype, kernels=args.kernels)
+        lm = PaliGemmaCausalLM.from_preset(args.preset, dtype=args.dtype, kernels=args.kernels,
+                                           **WEIGHT_MODES[args.weights])
         if lm.preprocessor is None:
             raise ValueError(f"preset {args.preset}: no tokenizer.json, so prompts cannot be tokenized")
         lm.compile(sampler)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from refimpl.files import check_file_size
+
 MAX_IMAGE_SIDE = 16384  # pixels per side; a 16k x 16k RGB image is 768 MB as uint8
 MAX_FILE_BYTES = 1 << 30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -35,11 +37,7 @@ class ImageReadError(ValueError):
 def read_image(path: str | Path) -> np.ndarray:
     """uint8[H, W, 3] (8-bit files) or float32[H, W, 3] in [0, 255] from a .npy, PPM/PGM or PNG file."""
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"image {path}: no such file")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise ImageReadError(f"image {path}: {size} bytes; expected at most {MAX_FILE_BYTES}")
+    check_file_size(path, "image", MAX_FILE_BYTES, ImageReadError, missing=ImageReadError)
     with open(path, "rb") as handle:
         head = handle.read(8)
     if head.startswith(NPY_MAGIC):

@@ -29,6 +29,9 @@ from refimpl.vit import vit_forward
 ALLOWED_CLASS_NAMES = ("PaliGemmaBackbone",)
 ALLOWED_REGISTERED_NAMES = ("keras_hub>PaliGemmaBackbone", "keras_nlp>PaliGemmaBackbone", None)
 MAX_CONFIG_BYTES = 1 << 20  # a backbone config.json is about 1 KB
+# How from_preset holds the weights, by the name the command lines use: read into memory (the default), mapped
+# from the file where stored as used, or read block by block as the forward pass reaches them.
+WEIGHT_MODES = {"read": {}, "mmap": {"mmap": True}, "stream": {"stream": True}}
 
 
 def forward(inputs, params: PaliGemmaParams, config: PaliGemmaConfig, policy: Policy, kernels: Kernels,

@@ -30,6 +30,21 @@ class _Arrays:
             if isinstance(value, np.ndarray):
                 yield field.name, value
 
+    def flat(self, prefix: str = "") -> dict[str, np.ndarray]:
+        """Every array of the tree by its field path: ``"token_embedding"``, ``"vit.blocks[0].wq"``,
+        ``"blocks[1].w_gate"`` (the names ``refimpl.weights`` gives its entries' fields)."""
+        out: dict[str, np.ndarray] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.ndarray):
+                out[prefix + field.name] = value
+            elif isinstance(value, _Arrays):
+                out.update(value.flat(f"{prefix}{field.name}."))
+            elif isinstance(value, (tuple, list)):
+                for index, item in enumerate(value):
+                    out.update(item.flat(f"{prefix}{field.name}[{index}]."))
+        return out
+
     def astype(self, dtype):
         """A copy of this tree with every array converted to ``dtype`` (float32 weights widened to float64 keep
         their values exactly: only the arithmetic done with them changes)."""

@@ -55,7 +55,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 HANDLED = ("rejected", "loaded_same", "loaded_config", "loaded_changed", "flagged_nonfinite")
@@ -569,21 +569,10 @@ def copy_preset(golden: Path, case: str, preset: str, into: Path) -> Preset:
     return Preset(into, load_path, h5_files, json_files, legacy)
 
 
-def flat_params(model) -> dict[str, Any]:
-    p = model.params
-    out = {"token_embedding": p.token_embedding, "final_norm": p.final_norm}
-    out.update({f"vit.{k}": v for k, v in p.vit.arrays()})
-    for j, block in enumerate(p.vit.blocks):
-        out.update({f"vit.blocks[{j}].{k}": v for k, v in block.arrays()})
-    for i, block in enumerate(p.blocks):
-        out.update({f"blocks[{i}].{k}": v for k, v in block.arrays()})
-    return out
-
-
 def classify_load(model, pristine, preset: Preset) -> tuple[str, str]:
     import numpy as np
 
-    arrays, reference = flat_params(model), flat_params(pristine)
+    arrays, reference = model.params.flat(), pristine.params.flat()
     if arrays.keys() != reference.keys() or any(arrays[k].shape != reference[k].shape for k in arrays):
         return "wrong_shapes", f"fields {sorted(set(arrays) ^ set(reference))[:4]} or shapes differ"
     nonfinite = [k for k, v in arrays.items() if not np.isfinite(v).all()]

@@ -103,3 +103,12 @@ def test_full_recompute_path_gives_keras_ids(keras_cases, models):
     case = keras_cases["pg2"]
     out = models["pg2"][1].generate(dict(case.inputs), stop_token_ids=None, use_cache=False)
     np.testing.assert_array_equal(out["token_ids"], case.results["ids"])
+
+
+@pytest.mark.parametrize("weights", [{"mmap": True}, {"stream": True, "kernels": "numba"}])
+def test_greedy_ids_equal_keras_with_mapped_or_streamed_weights(keras_cases, weights):
+    """The laptop modes for the big presets: mapped weights, or blocks streamed from the file as they run."""
+    case = keras_cases["pg2"]
+    lm = PaliGemmaCausalLM.from_preset(case.preset, preprocessor=False, **weights)
+    out = lm.generate(dict(case.inputs), stop_token_ids=None)
+    np.testing.assert_array_equal(out["token_ids"], case.results["ids"])

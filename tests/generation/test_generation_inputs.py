@@ -96,7 +96,7 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert "truncated PNG" in capsys.readouterr().err
     assert generate_cli.run(parse(["--preset", str(tmp_path / "nowhere"), "--image", str(tmp_path / "x.png"),
                                    "--prompt", "hi"])) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "x.png not found" in capsys.readouterr().err
     assert generate_cli.run(parse(["--preset", str(tmp_path), "--image", str(tmp_path / "broken.png"),
                                    "--prompt", "hi", "--sampler", "top_k", "--top-k", "0"])) == 2
     assert "k=0" in capsys.readouterr().err

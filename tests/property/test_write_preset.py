@@ -30,24 +30,14 @@ GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 KERAS_WRITTEN = ["pg1_basic", "pg2_window", "pg2_mha_caps"]
 
 
-def flat(params) -> dict[str, np.ndarray]:
-    out = {"token_embedding": params.token_embedding, "final_norm": params.final_norm}
-    out.update({f"vit.{k}": v for k, v in params.vit.arrays()})
-    for j, block in enumerate(params.vit.blocks):
-        out.update({f"vit.blocks[{j}].{k}": v for k, v in block.arrays()})
-    for i, block in enumerate(params.blocks):
-        out.update({f"blocks[{i}].{k}": v for k, v in block.arrays()})
-    return out
-
-
 @given(config=strat.configs(), seed=st.integers(0, 2**16), storage=st.sampled_from(["float32", "bfloat16"]))
 def test_round_trip_through_the_reader_is_exact(tmp_path_factory, config, seed, storage):
     directory = tmp_path_factory.mktemp("preset")
     params = random_params(config, seed=seed, dtype=np.float32, perturb=True)
     write_preset(directory, config, params, storage=storage)
     assert read_preset_config(directory) == config
-    loaded = flat(load_params(directory, config, Policy("float32")))
-    expected = flat(params)
+    loaded = load_params(directory, config, Policy("float32")).flat()
+    expected = params.flat()
     assert loaded.keys() == expected.keys()
     for field, array in expected.items():
         want = round_to_bfloat16(array) if storage == "bfloat16" else array

@@ -112,10 +112,11 @@ def test_cli_info(capsys):
     assert json.loads(capsys.readouterr().out)["parameter_count"] == 2_923_335_408
 
 
-def test_cli_forward_writes_output_and_taps(tmp_path, capsys):
+@pytest.mark.parametrize("weights", ["read", "mmap", "stream"])
+def test_cli_forward_writes_output_and_taps(tmp_path, capsys, weights):
     out = tmp_path / "out.npz"
     args = ["forward", "--preset", str(CASE / "preset"), "--inputs", str(CASE / "inputs.npz"), "--out", str(out),
-            "--dtype", "float64", "--taps", "^llm/layer00/"]
+            "--dtype", "float64", "--taps", "^llm/layer00/", "--weights", weights]
     assert main(args) == 0
     with np.load(out, allow_pickle=False) as data:
         np.testing.assert_allclose(data["llm/final_norm"], reference_output(), rtol=0, atol=1e-12)

@@ -681,3 +681,14 @@ def test_read_stored_variable_gives_the_keras_layout(cases):
     np.testing.assert_array_equal(stored.transpose(1, 0, 2).reshape(config.hidden_dim, -1), params.blocks[1].wq)
     with pytest.raises(ValueError, match=r"field='blocks\[9\]\.wq' names no weight"):
         read_stored_variable(case.preset, config, "blocks[9].wq")
+
+
+def test_params_flat_names_are_the_entries_fields(cases):
+    """``PaliGemmaParams.flat()`` names every array by the field the reader fills it from, and nothing else."""
+    for case in cases.values():
+        params = load_params(case.preset, case.parsed_config, Policy("float32"))
+        with open_weight_file(case.preset) as weights:
+            fields = {e.field for e in expected_entries(case.parsed_config, weights.naming).values()}
+        flat = params.flat()
+        assert set(flat) == fields
+        assert sum(a.nbytes for a in flat.values()) == params.nbytes
