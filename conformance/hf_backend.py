@@ -285,17 +285,19 @@ class TransformersBackend:
         return Capabilities(dtype=row, description="HF PaliGemmaForConditionalGeneration, CPU, eager attention")
 
     def prepare(self, case: Case) -> None:
-        self.config = case.parsed_config
+        self.model = self.config = None  # nothing half-prepared survives a refused case
+        config = case.parsed_config
         try:
-            self.model = build_model(load_case_params(case, self.dtype), self.config, self.dtype)
+            self.model = build_model(load_case_params(case, self.dtype), config, self.dtype)
         except HFConversionError as error:
             raise CaseError(f"case {case.name!r}: {error}") from None
+        self.config = config
         self.xfail, self.notes = (), []
         if head_split_check_fails(self.config):
             self.notes.append(f"hidden_dim {self.config.hidden_dim} is not a multiple of num_query_heads "
                               f"{self.config.num_query_heads}: transformers' config check was bypassed (the model "
                               "uses head_dim only); from_pretrained of an exported config.json would reject it")
-        reason = window_divergence(case.inputs, self.config)
+        reason = window_divergence(case.inputs, self.config) if case.inputs else None  # property cases: no inputs
         if reason:
             affected = window_affected_taps(case.taps, self.config)
             self.xfail = ((exact_names_regex(affected), reason),)

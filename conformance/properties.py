@@ -28,6 +28,10 @@ format may be ``8 x envelope + 4 ulp`` (bf16: ``4 x envelope + 1 ulp``) off refi
 Two outputs of the backend count as "unchanged" within twice that bound, "changed" beyond it. Only valid positions
 are compared (image tokens and non-padding text), as the harness does. ``--rel-tol`` replaces the bound.
 
+A backend that cannot represent a drawn model says so as the harness protocol does, with ``CaseError`` from
+``prepare``: hypothesis then draws another (the count is reported as "drawn models the backend cannot
+represent"), and a property none of whose models it can represent is skipped with the backend's reasons.
+
 From a port's own pytest run (profiles: ``HYPOTHESIS_PROFILE``, see tests/conftest.py):
 
     import pytest
@@ -52,14 +56,14 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, given, reject, settings
+from hypothesis.errors import Unsatisfiable
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from conformance.backend import BackendUnavailable, capabilities_of, make_backend
-from conformance.cases import Case
 from conformance import strategies as strat
-from conformance.cases import Envelope
+from conformance.cases import Case, CaseError, Envelope
 from conformance.tolerances import Tolerance, candidate_format, resolve
 from refimpl.config import PaliGemmaConfig
 from refimpl.params import PaliGemmaParams
@@ -68,7 +72,13 @@ OUTPUT = "llm/final_norm"
 
 
 class PropertySkipped(Exception):
-    """The backend cannot be checked for this property (it does not return a needed tap)."""
+    """The backend cannot be checked for this property (it does not return a needed tap, or it can represent
+    none of the drawn configs)."""
+
+
+class UnsupportedConfig(Exception):
+    """The backend refused to prepare a drawn model (``CaseError`` from ``prepare``: a config it cannot represent,
+    such as a Gemma 2 option without Gemma 2's post-norms for Hugging Face). The example is not counted."""
 
 
 class PropertyFailure(AssertionError):
@@ -198,6 +208,7 @@ class PropertyRunner:
         self._format: str | None = None  # the tolerance row: from the backend's capabilities or first output
         self._references: tuple[str | None, dict] = (None, {})  # refimpl models of the last spec asked for
         self.runs = 0
+        self.unsupported: dict[str, int] = {}  # why the backend refused drawn models -> how often
 
     def close(self) -> None:
         if self._own_dir:
@@ -227,7 +238,13 @@ class PropertyRunner:
         """The backend's taps (``OUTPUT`` always) on ``inputs``, as float64 arrays (masks stay bool)."""
         case = self.case(spec)
         if self._prepared != spec.key:
-            self.backend.prepare(case)
+            try:
+                self.backend.prepare(case)
+            except CaseError as error:
+                self._prepared = None  # the backend may be half-prepared: prepare again before the next run
+                reason = str(error).replace(f"case {case.name!r}: ", "")
+                self.unsupported[reason] = self.unsupported.get(reason, 0) + 1
+                raise UnsupportedConfig(reason) from None
             self._prepared = spec.key
         wanted = list(dict.fromkeys([*taps, OUTPUT]))
         out = self.backend.run({k: np.array(v, copy=True) for k, v in inputs.items()}, wanted)
@@ -540,6 +557,7 @@ class PropertyResult:
     status: str  # "pass", "fail" or "skip"
     detail: str = ""
     examples: int = 0
+    rejected: int = 0  # drawn models the backend could not represent (UnsupportedConfig), not counted in examples
 
 
 def _probe(runner: PropertyRunner, prop: Property) -> None:
@@ -549,9 +567,13 @@ def _probe(runner: PropertyRunner, prop: Property) -> None:
     config = PaliGemmaConfig(
         vocabulary_size=7, image_size=2, num_layers=1, num_query_heads=2, num_key_value_heads=1, hidden_dim=6,
         intermediate_dim=4, head_dim=2, vit_patch_size=1, vit_num_heads=1, vit_hidden_dim=3, vit_num_layers=1,
-        vit_intermediate_dim=5, include_rescaling=False, final_logit_soft_cap=1.0)
+        vit_intermediate_dim=5, include_rescaling=False, final_logit_soft_cap=1.0, use_post_attention_norm=True,
+        use_post_ffw_norm=True)  # a whole PaliGemma 2 block, which every port can represent
     inputs = strat.batch_from_layouts(config, [(2, 1, 1)], seed=0)
-    out = runner.run(ModelSpec(config, 0), inputs, list(prop.needs_taps))
+    try:
+        out = runner.run(ModelSpec(config, 0), inputs, list(prop.needs_taps))
+    except UnsupportedConfig:
+        return  # the property's own examples will show what the backend returns
     missing = [t for t in prop.needs_taps if t not in out]
     if missing:
         raise PropertySkipped(f"backend {runner.name} does not return the tap(s) {missing}")
@@ -571,25 +593,36 @@ def run_property(name: str, backend: Any, *, hypothesis_settings: settings | Non
     own_runner = runner is None
     runner = runner or PropertyRunner(backend, rel_tol=rel_tol)
     base = hypothesis_settings or settings()
+    # filter_too_much: drawn models a backend cannot represent are rejected on purpose (counted in the result).
     chosen = settings(base, max_examples=max(1, base.max_examples // prop.cost), deadline=None,
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    counter = {"n": 0}
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                             HealthCheck.filter_too_much])
+    counter = {"n": 0, "rejected": 0}
 
     def example(data):
+        try:
+            prop.check(runner, data.draw)
+        except UnsupportedConfig:
+            counter["rejected"] += 1
+            reject()  # hypothesis draws another example; the reasons are kept in runner.unsupported
         counter["n"] += 1
-        prop.check(runner, data.draw)
 
     example.__name__ = example.__qualname__ = f"property_{name}"
     try:
         _probe(runner, prop)
         test = given(data=st.data())(chosen(example))
         (test if seed is None else hypothesis_seed(seed)(test))()
-        return PropertyResult(name, "pass", examples=counter["n"])
+        return PropertyResult(name, "pass", examples=counter["n"], rejected=counter["rejected"])
     except PropertySkipped as skip:
         return PropertyResult(name, "skip", str(skip))
+    except Unsatisfiable:
+        reasons = "; ".join(sorted(runner.unsupported)) or "every drawn example was rejected"
+        return PropertyResult(name, "skip", f"backend {runner.name} can represent none of the drawn models: "
+                                            f"{reasons}")
     except Exception as error:  # a counterexample (hypothesis re-raises it after shrinking) or a backend crash
         notes = "\n".join(getattr(error, "__notes__", []))
-        return PropertyResult(name, "fail", f"{type(error).__name__}: {error}\n{notes}".strip(), counter["n"])
+        return PropertyResult(name, "fail", f"{type(error).__name__}: {error}\n{notes}".strip(), counter["n"],
+                              counter["rejected"])
     finally:
         if own_runner:
             runner.close()
@@ -644,7 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.property or PROPERTY_NAMES:
             result = run_property(name, backend, hypothesis_settings=chosen, runner=runner, seed=args.seed)
             failures += result.status == "fail"
-            print(f"{result.status.upper():4s} {name}" + (f" ({result.examples} examples)" if result.examples else "")
+            counts = [f"{result.examples} examples"] if result.examples else []
+            counts += [f"{result.rejected} drawn models the backend cannot represent"] if result.rejected else []
+            print(f"{result.status.upper():4s} {name}" + (f" ({'; '.join(counts)})" if counts else "")
                   + (f": {result.detail}" if result.detail else ""), flush=True)
     print(f"{len(args.property or PROPERTY_NAMES) - failures} of {len(args.property or PROPERTY_NAMES)} properties "
           f"hold for {getattr(backend, 'name', args.backend)}")

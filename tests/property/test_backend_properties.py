@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 from conformance.backend import RefimplBackend
+from conformance.cases import CaseError
 from conformance.properties import PROPERTIES, PROPERTY_NAMES, PropertyRunner, check_property, run_property, main
 from refimpl.attention import attention
 from refimpl.kernels import NUMPY_KERNELS
@@ -121,6 +122,33 @@ def test_missing_taps_skip_with_a_reason():
     result = run_property("mask_rule", FinalOnly(kernels="numpy"), hypothesis_settings=FIND_FAST)
     assert result.status == "skip" and "llm/mask" in result.detail
     assert PROPERTIES["final_soft_cap"].needs_taps == ("llm/logits",)
+
+
+class Gemma1Only(RefimplBackend):
+    """A port that can represent PaliGemma 1 models only (as HF cannot represent some PaliGemma 2 mixes): it
+    refuses the others the way the protocol says, with a CaseError from ``prepare``."""
+
+    def __init__(self, refuse_all: bool = False):
+        super().__init__(kernels="numpy", dtype="float32")
+        self.refuse_all = refuse_all
+
+    def prepare(self, case) -> None:
+        c = case.parsed_config
+        gemma2 = (c.use_post_attention_norm or c.use_post_ffw_norm or c.use_sliding_window_attention
+                  or c.attention_logit_soft_cap is not None or c.final_logit_soft_cap is not None)
+        if self.refuse_all or gemma2:
+            raise CaseError(f"case {case.name!r}: this port has no PaliGemma 2 options")
+        super().prepare(case)
+
+
+def test_models_a_backend_refuses_are_rejected_and_counted():
+    result = run_property("response_causal", Gemma1Only(), hypothesis_settings=FIND_FAST)
+    assert result.status == "pass" and result.examples > 0 and result.rejected > 0, result
+
+
+def test_a_backend_that_refuses_every_model_skips_with_its_reason():
+    result = run_property("padding_hidden", Gemma1Only(refuse_all=True), hypothesis_settings=FIND_FAST)
+    assert result.status == "skip" and "no PaliGemma 2 options" in result.detail, result
 
 
 def test_command_line(capsys, tmp_path):
