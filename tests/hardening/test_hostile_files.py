@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -25,6 +24,7 @@ import pytest
 from refimpl.config import ConfigError
 from refimpl.model import PaliGemmaBackbone
 from refimpl.weights import WeightFileError
+from tests.memory import traced_peak
 
 pytestmark = pytest.mark.hardening
 
@@ -60,16 +60,6 @@ def load_error(preset: Path, expected=ValueError, dtype=None) -> str:
     root = preset if preset.is_dir() else preset.parent
     assert str(root) in message, f"the message does not name the file: {message}"
     return message
-
-
-def traced_load_error(preset: Path, expected=ValueError) -> tuple[str, int]:
-    """``load_error`` and the peak bytes allocated meanwhile (tracemalloc sees numpy's and h5py's buffers)."""
-    tracemalloc.start()
-    try:
-        message = load_error(preset, expected)
-        return message, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 # ---- bytes -----------------------------------------------------------------------------------------------------
@@ -218,7 +208,7 @@ def test_absurd_declared_shape_matching_the_config_allocates_nothing(tmp_path):
     with h5py.File(weights_file(preset), "r+") as handle:
         del handle[TOKEN]
         handle.create_dataset(TOKEN, shape=(2**31, 40), dtype="f4", chunks=(1024, 40))  # 320 GiB, none stored
-    message, peak = traced_load_error(preset, WeightFileError)
+    peak, message = traced_peak(lambda: load_error(preset, WeightFileError))
     assert "never (fully) written" in message and peak < 16 << 20
 
 
@@ -233,7 +223,7 @@ def test_decompression_bomb_is_refused(tmp_path):
         for start in range(0, rows, 8192):
             dataset[start:start + 8192] = 0.0
     assert weights_file(preset).stat().st_size < 2 << 20
-    message, peak = traced_load_error(preset, WeightFileError)
+    peak, message = traced_peak(lambda: load_error(preset, WeightFileError))
     assert "decompression bomb" in message and peak < 16 << 20
 
 

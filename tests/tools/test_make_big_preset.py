@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -14,6 +13,7 @@ from refimpl.config import PaliGemmaConfig, count_params
 from refimpl.dtypes import Policy, round_to_bfloat16
 from refimpl.model import PaliGemmaBackbone
 from refimpl.weights import expected_entries, load_params, open_weight_file
+from tests.memory import traced_peak
 from tools import make_big_preset
 from tools.make_big_preset import WORKLOADS, entry_values, make_preset, row_slabs
 
@@ -78,12 +78,7 @@ def test_writing_holds_a_few_slabs_not_the_model(tmp_path, monkeypatch):
     """tracemalloc peak while writing: bounded by the slab size, far below the largest tensor (the token table)."""
     monkeypatch.setattr(make_big_preset, "CHUNK_ELEMENTS", 1 << 14)  # 64 KB slabs
     config = PG1.replace(vocabulary_size=40_000, hidden_dim=64, head_dim=16)  # token table f32[40000, 64]: 10 MB
-    tracemalloc.start()
-    try:
-        make_preset(tmp_path / "p", config)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak, _ = traced_peak(lambda: make_preset(tmp_path / "p", config))
     assert peak < 1_000_000, peak
     assert (tmp_path / "p" / "model.weights.h5").stat().st_size > 10_000_000
 

@@ -17,13 +17,13 @@ place).
 from __future__ import annotations
 
 import time
-import tracemalloc
 
 import numpy as np
 import pytest
 
 from refimpl.attention import prefix_lm_mask
 from refimpl.kernels import NUMPY_KERNELS, get_kernels
+from tests.memory import traced_peak
 
 IMAGE_TOKENS = 4096  # 896 px / 14 px patches, squared
 TEXT_TOKENS = 256  # 4352 positions in all
@@ -46,16 +46,6 @@ def _one_head_scores(q, k) -> int:
     return q.shape[1] * k.shape[1] * q.itemsize
 
 
-def _traced_peak(call) -> tuple[int, object]:
-    """(peak bytes NumPy allocated during ``call()``, its result)."""
-    tracemalloc.start()
-    try:
-        result = call()
-        return tracemalloc.get_traced_memory()[1], result
-    finally:
-        tracemalloc.stop()
-
-
 @pytest.fixture(scope="module")
 def small_heads():
     """896 px positions with 4 narrow query heads on 2 kv heads: big score matrices, cheap matmuls."""
@@ -64,7 +54,7 @@ def small_heads():
 
 def test_spec_attention_holds_one_head_of_temporaries(small_heads):
     q, k, v, mask = small_heads
-    peak, out = _traced_peak(lambda: NUMPY_KERNELS.attention(q, k, v, mask))
+    peak, out = traced_peak(lambda: NUMPY_KERNELS.attention(q, k, v, mask))
     one_head = _one_head_scores(q, k)
     assert out.shape == q.shape and np.isfinite(out).all()
     # The extra 2% covers the per-head vectors (row maxima and sums, f[1, T, 1]) and the output.
@@ -80,7 +70,7 @@ def test_numba_attention_never_holds_a_whole_score_matrix(small_heads):
     q, k, v, mask = small_heads
     numba_kernels = get_kernels("numba")
     numba_kernels.attention(q[:, :8], k[:, :8], v[:, :8], mask[:, :8, :8])  # compile or load from the cache first
-    peak, out = _traced_peak(lambda: numba_kernels.attention(q, k, v, mask))
+    peak, out = traced_peak(lambda: numba_kernels.attention(q, k, v, mask))
     block = ATTENTION_BLOCK_ROWS * k.shape[1] * q.itemsize
     assert peak < out.nbytes + 2.1 * block, ((peak - out.nbytes) / block, "blocks of scores")
     assert peak < _one_head_scores(q, k) / 5  # 2 x 256 of 4352 rows, plus the output
@@ -100,7 +90,7 @@ def test_full_width_896px_decoder_attention_runs(kernel_set):
     kernels = get_kernels(kernel_set)
     kernels.attention(q[:, :8], k[:, :8], v[:, :8], mask[:, :8, :8])
     start = time.perf_counter()
-    growth, out = _traced_peak(lambda: kernels.attention(q, k, v, mask))
+    growth, out = traced_peak(lambda: kernels.attention(q, k, v, mask))
     seconds = time.perf_counter() - start
     one_head = _one_head_scores(q, k)
     flops = 2 * 2 * q.shape[1] * k.shape[1] * q.shape[2] * q.shape[3]

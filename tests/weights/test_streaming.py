@@ -7,7 +7,6 @@ differ from one big matmul by BLAS blocking (float32 rounding of the same dot pr
 
 from __future__ import annotations
 
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from conformance.cases import load_case
 from refimpl import weights
 from refimpl.model import PaliGemmaBackbone
 from refimpl.weights import StreamedBlocks, StreamedTable, WeightFileError
+from tests.memory import traced_peak
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"
 # pg1_basic: plain file; pg1_sharded: shards; pg1_bf16: bf16 storage; pg1_legacy_h5: keras-2 variable paths;
@@ -145,12 +145,7 @@ def test_streaming_forward_holds_one_or_two_blocks_not_the_model(tmp_path):
     expected = loaded(inputs)
     del loaded
     with PaliGemmaBackbone.from_preset(preset, dtype="float64", stream=True) as model:
-        tracemalloc.start()
-        try:
-            out = model(inputs)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        peak, out = traced_peak(lambda: model(inputs))
     assert np.array_equal(out, expected)
     assert peak < 2 * block + 2_000_000, (peak, block, total)
 

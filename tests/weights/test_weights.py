@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from refimpl.dtypes import Policy, round_to_bfloat16
 from refimpl.weights import (LAYOUT_KERAS3, LAYOUT_KERAS213, LAYOUT_LEGACY, LAYOUT_SHARDED, SCHEMA, WeightFileError,
                              check_weight_file, expected_entries, iter_decoder_blocks, keras_name_suffix, load_params,
                              open_weight_file, read_stored_variable, rounds_to_bfloat16)
+from tests.memory import traced_peak
 
 PG1 = dict(vocabulary_size=97, image_size=28, vit_patch_size=7, vit_hidden_dim=24, vit_num_heads=3, vit_num_layers=2,
            vit_intermediate_dim=37, num_layers=3, num_query_heads=4, num_key_value_heads=1, hidden_dim=40,
@@ -401,12 +401,7 @@ def test_bf16_decode_never_holds_two_copies(tmp_path, monkeypatch):
     path = tmp_path / "big.weights.h5"
     write_weights(path, config, storage="bf16_untagged")
     monkeypatch.setattr(weights, "CHUNK_ELEMENTS", 1 << 14)
-    tracemalloc.start()
-    try:
-        params = load_params(path, config, F32)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak, params = traced_peak(lambda: load_params(path, config, F32))
     # Widening a whole tensor at once would need its raw bits, a uint32 copy and the result: over 2x the table.
     assert peak < params.nbytes + (1 << 20), (peak, params.nbytes)
 
@@ -448,12 +443,7 @@ def test_absurd_declared_shape_fails_before_any_allocation(weights_file):
         f.create_dataset(TOKEN, shape=(2**40, 2**20), dtype="f4", chunks=(1, 1024))  # 4 EiB declared, none stored
     with open_weight_file(path) as weight_file:
         assert weight_file.entries[TOKEN][:2] == ((2**40, 2**20), "float32")
-    tracemalloc.start()
-    try:
-        message = load_error(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    peak, message = traced_peak(lambda: load_error(path))
     assert "expected (97, 40), found (1099511627776, 1048576)" in message
     assert peak < 8 << 20, peak
 
