@@ -48,6 +48,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from conformance.cases import MAX_ARRAY_BYTES, Case, CaseError, load_npz
+from conformance.tolerances import candidate_format
 from refimpl import taps as tap_defs
 
 BLOCK_KINDS = ("vit", "decoder")
@@ -170,8 +171,7 @@ class RefimplBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        fmt = {"mixed_bfloat16": "bfloat16"}.get(self._policy, self._policy)
-        return Capabilities(dtype=fmt, teacher_forced=True,
+        return Capabilities(dtype=candidate_format(self._policy), teacher_forced=True,
                             description=f"refimpl {self._policy} with {self.kernels} kernels")
 
     def prepare(self, case: Case) -> None:
@@ -337,7 +337,7 @@ class RecordedKerasBackend:
         if not self.arrays:
             raise CaseError(f"case {case.name!r} has no recorded keras-hub outputs (case.json keras.file)")
         self._generation = case.keras_generation()
-        self._dtype = {"mixed_bfloat16": "bfloat16"}.get(case.keras_dtype, case.keras_dtype)
+        self._dtype = candidate_format(case.keras_dtype)
 
     def run(self, inputs: Mapping[str, np.ndarray], taps: Sequence[str]) -> dict[str, np.ndarray]:
         return {name: self.arrays[name] for name in taps if name in self.arrays}
@@ -375,8 +375,8 @@ class KerasHubBackend:
 
     @property
     def capabilities(self) -> Capabilities:
-        fmt = {"mixed_bfloat16": "bfloat16"}.get(self._dtype_used, self._dtype_used)
-        return Capabilities(dtype=fmt, teacher_forced=True, description="keras-hub PaliGemmaBackbone, eager")
+        return Capabilities(dtype=candidate_format(self._dtype_used), teacher_forced=True,
+                            description="keras-hub PaliGemmaBackbone, eager")
 
     def prepare(self, case: Case) -> None:
         _, keras_hub = self._oracle.import_keras()
