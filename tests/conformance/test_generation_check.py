@@ -23,17 +23,10 @@ from tools import make_goldens
 pytestmark = pytest.mark.conformance
 
 GOLDEN = Path(__file__).resolve().parents[2] / "golden"
-GENERATION_CASES = ("pg1_basic", "pg2_window")
+GENERATION_CASES = ("pg1_basic", "pg2_window")  # the cases with generation records (``cases``: tests/conftest.py)
 GENERATION_FILES = ("generation_inputs.npz", "generation.npz", "generation_keras.npz")
 needs_golden = pytest.mark.skipif(not (GOLDEN / "MANIFEST.json").is_file(),
                                   reason="golden/MANIFEST.json missing: run `python -m tools.make_goldens`")
-
-
-@pytest.fixture(scope="module")
-def cases():
-    if not (GOLDEN / "MANIFEST.json").is_file():
-        pytest.skip("golden/MANIFEST.json missing: run `python -m tools.make_goldens`")
-    return {name: load_case(GOLDEN, name) for name in GENERATION_CASES}
 
 
 class EditedGeneration(RefimplBackend):
