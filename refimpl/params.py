@@ -59,14 +59,8 @@ class _Arrays:
 
     @property
     def nbytes(self) -> int:
-        total = sum(a.nbytes for _, a in self.arrays())
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, _Arrays):
-                total += value.nbytes
-            elif isinstance(value, tuple):
-                total += sum(v.nbytes for v in value if isinstance(v, _Arrays))
-        return total
+        """Bytes of every array in the tree (streamed parts, which are not arrays, count nothing)."""
+        return sum(a.nbytes for a in self.flat().values())
 
 
 @dataclass(frozen=True)
